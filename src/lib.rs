@@ -1,0 +1,35 @@
+//! webhook-worker turns events published to RabbitMQ into signed HTTP webhook deliveries.
+//!
+//! How a message flows through the modules:
+//!
+//! - [`worker`] owns the RabbitMQ session: it declares the [`topology`], consumes the work
+//!   queue and settles every message as the [`pipeline`] decides (ack, dead-letter, requeue).
+//! - [`pipeline`] handles one message. A producer's [`event`] is stored once and fanned out
+//!   by the [`store`] into one delivery per matching webhook; a retry [`message`] claims
+//!   attempt N of one delivery.
+//! - Each attempt turns the [`webhook`] row into a target, is sent by [`http`] (signed with
+//!   [`signature`]), judged by the pure retry policy in [`outcome`], and recorded by the
+//!   [`store`] together with the webhook's failure counter; a retry goes to a delay queue
+//!   through [`amqp`]'s confirmed publisher before the message is acknowledged.
+//! - [`config`] and [`cli`] are the process's surface, [`health`] its probes.
+
+pub mod amqp;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod health;
+pub mod http;
+pub mod logging;
+pub mod message;
+pub mod outcome;
+pub mod pipeline;
+pub mod publish;
+pub mod shutdown;
+pub mod signature;
+pub mod store;
+pub mod topology;
+pub mod webhook;
+pub mod worker;
+
+pub use config::Config;
+pub use worker::Worker;

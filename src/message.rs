@@ -1,0 +1,80 @@
+//! The worker's own queue message: "make attempt N of delivery D". Small and versioned;
+//! everything else is read from Postgres when it arrives (CONTRACT §3).
+
+use lapin::BasicProperties;
+use lapin::types::FieldTable;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::amqp::with_header;
+use crate::event::TraceContext;
+
+/// The AMQP `type` property that tells a retry message from a producer's event.
+pub const RETRY_KIND: &str = "webhook-worker.retry.v1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryTask {
+    pub v: u8,
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+}
+
+impl RetryTask {
+    pub fn new(delivery_id: Uuid, attempt: u32) -> Self {
+        RetryTask {
+            v: 1,
+            delivery_id,
+            attempt,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a retry task serializes")
+    }
+
+    pub fn parse(body: &[u8]) -> Result<RetryTask, String> {
+        let task: RetryTask =
+            serde_json::from_slice(body).map_err(|e| format!("retry message is not valid: {e}"))?;
+        if task.v != 1 || task.attempt < 2 {
+            return Err(format!(
+                "retry message has version {} and attempt {}; expected version 1 and attempt >= 2",
+                task.v, task.attempt
+            ));
+        }
+        Ok(task)
+    }
+
+    /// Properties of the message: its kind, and the event's trace so that a retry hours
+    /// later joins the same trace.
+    pub fn properties(&self, trace: &TraceContext) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        if let Some(tp) = &trace.traceparent {
+            with_header(&mut headers, "traceparent", tp);
+        }
+        if let Some(ts) = &trace.tracestate {
+            with_header(&mut headers, "tracestate", ts);
+        }
+        BasicProperties::default()
+            .with_type(RETRY_KIND.into())
+            .with_content_type("application/json".into())
+            .with_headers(headers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_other_versions() {
+        let task = RetryTask::new(Uuid::new_v4(), 3);
+        assert_eq!(RetryTask::parse(&task.to_bytes()).unwrap(), task);
+        assert!(
+            RetryTask::parse(
+                br#"{"v":2,"delivery_id":"0b9c6a3e-4a8f-4a36-9d7e-6c5d3b2a1f00","attempt":2}"#
+            )
+            .is_err()
+        );
+        assert!(RetryTask::parse(b"junk").is_err());
+    }
+}

@@ -1,0 +1,363 @@
+//! What one queue message leads to. An event is stored and fanned out to its webhooks; a
+//! retry message claims its attempt; each attempt is sent, decided, recorded, and its next
+//! attempt scheduled in a delay queue. The answer is a [`Disposition`] for the message:
+//! it is acknowledged only once everything it caused is committed or confirmed.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::future::join_all;
+use lapin::message::Delivery;
+use tokio::sync::Semaphore;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::amqp::{PublishError, Publisher};
+use crate::config::Config;
+use crate::event::{Event, TraceContext};
+use crate::http;
+use crate::message::{RETRY_KIND, RetryTask};
+use crate::outcome::{AttemptResult, Outcome, decide};
+use crate::store::{DeliveryStatus, DisablePolicy, Job, NoClaim, Recorded, ScheduledRetry, Store};
+use crate::topology::{self, header_str};
+
+/// What becomes of a message once handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Everything it caused is committed: acknowledge.
+    Ack,
+    /// It can never be processed: move it to `webhook.events.dead` with this reason.
+    DeadLetter(String),
+    /// A dependency failed before its effects were committed: let the broker deliver it
+    /// again (to this or another process).
+    Requeue(String),
+}
+
+/// A failure that stops a message from being acknowledged.
+#[derive(Debug)]
+enum Failure {
+    /// RabbitMQ or Postgres did not take what had to be written; the message comes back.
+    Unavailable(String),
+    /// Postgres refused the data itself; processing it again would fail again.
+    Refused(String),
+}
+
+impl From<PublishError> for Failure {
+    fn from(e: PublishError) -> Self {
+        Failure::Unavailable(format!("publishing a retry: {e}"))
+    }
+}
+
+impl From<Failure> for Disposition {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Unavailable(reason) => Disposition::Requeue(reason),
+            Failure::Refused(reason) => Disposition::DeadLetter(reason),
+        }
+    }
+}
+
+/// What every message handler shares within one process.
+pub struct Pipeline {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub http: reqwest::Client,
+    /// `MAX_IN_FLIGHT`: a permit per HTTP attempt.
+    pub in_flight: Arc<Semaphore>,
+}
+
+/// Re-read the webhook row when an attempt waited this long for capacity, so that no
+/// attempt uses a row older than CONTRACT §2 allows.
+const STALE_ROW: Duration = Duration::from_secs(1);
+
+impl Pipeline {
+    pub fn new(config: Arc<Config>, store: Store, http: reqwest::Client) -> Pipeline {
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight as usize));
+        Pipeline {
+            config,
+            store,
+            http,
+            in_flight,
+        }
+    }
+
+    fn policy(&self) -> DisablePolicy {
+        DisablePolicy {
+            after_failures: self.config.disable_after_failures,
+            after_failing_for: self.config.disable_after_failing_for,
+        }
+    }
+
+    /// Handles one message from the work queue: a retry message or a producer's event.
+    pub async fn handle(&self, delivery: &Delivery, publisher: &Publisher) -> Disposition {
+        let is_retry = delivery
+            .properties
+            .kind()
+            .as_ref()
+            .is_some_and(|k| k.as_str() == RETRY_KIND);
+        let result = if is_retry {
+            self.handle_retry(delivery, publisher).await
+        } else {
+            self.handle_event(delivery, publisher).await
+        };
+        result.unwrap_or_else(Disposition::from)
+    }
+
+    async fn handle_event(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+    ) -> Result<Disposition, Failure> {
+        let headers = delivery.properties.headers().as_ref();
+        let trace = TraceContext::new(
+            header_str(headers, "traceparent"),
+            header_str(headers, "tracestate"),
+        );
+        let event = match Event::parse(&delivery.data, trace, Utc::now()) {
+            Ok(event) => event,
+            Err(invalid) => return Ok(Disposition::DeadLetter(invalid.0)),
+        };
+        let span = info_span!("event", event_id = %event.id, event_type = %event.event_type);
+        async {
+            let (jobs, retries) = match self
+                .db("storing the event", || self.store.store_event(&event))
+                .await?
+            {
+                Some(jobs) => (jobs, Vec::new()),
+                None if delivery.redelivered => {
+                    debug!("event delivered again; resuming its unfinished deliveries");
+                    self.db("resuming the event", || self.store.resume_event(event.id))
+                        .await?
+                }
+                None => {
+                    info!("event id already stored; duplicate ignored");
+                    return Ok(Disposition::Ack);
+                }
+            };
+            debug!(deliveries = jobs.len(), "fanned out");
+            for retry in &retries {
+                self.reschedule(retry, &event.trace, publisher).await?;
+            }
+            let results = join_all(jobs.into_iter().map(|job| self.attempt(job, publisher))).await;
+            results.into_iter().collect::<Result<Vec<()>, Failure>>()?;
+            Ok(Disposition::Ack)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn handle_retry(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+    ) -> Result<Disposition, Failure> {
+        let task = match RetryTask::parse(&delivery.data) {
+            Ok(task) => task,
+            Err(reason) => return Ok(Disposition::DeadLetter(reason)),
+        };
+        let claim = self
+            .db("claiming a retry", || {
+                self.store
+                    .claim(task.delivery_id, task.attempt, delivery.redelivered)
+            })
+            .await?;
+        match claim {
+            Ok(job) => self.attempt(job, publisher).await?,
+            // This message made attempt N and then lost track (the broker gave it again):
+            // the retry it scheduled may not exist, so schedule it again. A duplicate of it
+            // is harmless, the claim lets one of them through.
+            Err(NoClaim::State {
+                status: DeliveryStatus::Failed,
+                attempts,
+                next_retry_at,
+            }) if delivery.redelivered && attempts == task.attempt => {
+                let retry = ScheduledRetry {
+                    delivery_id: task.delivery_id,
+                    attempt: attempts + 1,
+                    next_retry_at,
+                };
+                self.reschedule(&retry, &TraceContext::default(), publisher)
+                    .await?;
+            }
+            Err(state) => {
+                debug!(delivery_id = %task.delivery_id, attempt = task.attempt, ?state,
+                    "retry message dropped: its attempt is recorded or the delivery moved on");
+            }
+        }
+        Ok(Disposition::Ack)
+    }
+
+    /// One attempt of a claimed delivery, from request to recorded outcome and scheduled
+    /// retry.
+    async fn attempt(&self, mut job: Job, publisher: &Publisher) -> Result<(), Failure> {
+        let span = info_span!("attempt", delivery_id = %job.delivery_id,
+            webhook_id = %job.webhook.id, attempt = job.attempt);
+        async {
+            let waiting = Instant::now();
+            let permit = self
+                .in_flight
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            if waiting.elapsed() > STALE_ROW {
+                match self
+                    .db("reading the webhook", || self.store.webhook(job.webhook.id))
+                    .await?
+                {
+                    Some(row) => job.webhook = row,
+                    None => return Ok(()), // deleted, and its deliveries with it
+                }
+            }
+            let started_at = Utc::now();
+            let result = match job.webhook.target() {
+                Err((error_type, message)) => AttemptResult::failed(error_type, message),
+                Ok(target) => {
+                    let body = http::body(
+                        &job.event.event_type,
+                        job.event.occurred_at,
+                        &job.event.data,
+                    );
+                    let event_id = job.event.id.to_string();
+                    let trace = job.event.trace();
+                    let msg = http::Message {
+                        event_id: &event_id,
+                        body: &body,
+                        trace: &trace,
+                    };
+                    http::send(&self.http, &target, &msg, self.config.delivery_timeout).await
+                }
+            };
+            drop(permit);
+
+            let outcome = decide(self.config.retry_schedule.delays(), job.attempt, &result);
+            let recorded = self
+                .db("recording the attempt", || {
+                    self.store
+                        .record(&job, started_at, &result, outcome, self.policy())
+                })
+                .await?;
+            log_attempt(&result, outcome, recorded);
+            if let (
+                Recorded::Status {
+                    status: DeliveryStatus::Failed,
+                    ..
+                },
+                Outcome::Retry { after },
+            ) = (recorded, outcome)
+            {
+                let task = RetryTask::new(job.delivery_id, job.attempt + 1);
+                publisher
+                    .publish(
+                        "",
+                        &topology::retry_queue(after),
+                        &task.to_bytes(),
+                        task.properties(&job.event.trace()),
+                    )
+                    .await?;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Publishes the retry of a `failed` delivery again, for when the message that should
+    /// have scheduled it may have been lost: into the delay queue that ends soonest after
+    /// `next_retry_at`, or straight to the work queue when that time has passed.
+    async fn reschedule(
+        &self,
+        retry: &ScheduledRetry,
+        trace: &TraceContext,
+        publisher: &Publisher,
+    ) -> Result<(), Failure> {
+        let remaining = retry
+            .next_retry_at
+            .and_then(|at| (at - Utc::now()).to_std().ok())
+            .unwrap_or(Duration::ZERO);
+        let tiers = self.config.retry_schedule.tiers();
+        let queue = match tiers.iter().find(|d| **d >= remaining) {
+            _ if remaining.is_zero() => topology::WORK_QUEUE.to_string(),
+            Some(delay) => topology::retry_queue(*delay),
+            None => tiers.last().map_or(topology::WORK_QUEUE.to_string(), |d| {
+                topology::retry_queue(*d)
+            }),
+        };
+        let task = RetryTask::new(retry.delivery_id, retry.attempt);
+        publisher
+            .publish("", &queue, &task.to_bytes(), task.properties(trace))
+            .await?;
+        Ok(())
+    }
+
+    /// Runs a database step, waiting out outages: a transient error is retried with
+    /// backoff for as long as it takes (the message stays unacknowledged meanwhile, which
+    /// also stops the broker from sending more than the prefetch). Any other error means
+    /// Postgres refuses this data.
+    async fn db<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match op().await {
+                Ok(value) => return Ok(value),
+                Err(e) if crate::store::is_transient(&e) => {
+                    warn!(error = %e, "{what}: Postgres unavailable, retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(Failure::Refused(format!(
+                        "{what}: Postgres refused it: {e}"
+                    )));
+                }
+            }
+        }
+    }
+}
+
+fn log_attempt(result: &AttemptResult, outcome: Outcome, recorded: Recorded) {
+    let Recorded::Status {
+        status,
+        webhook_disabled,
+    } = recorded
+    else {
+        debug!("attempt already recorded by another process");
+        return;
+    };
+    if result.succeeded() {
+        debug!(
+            status = status.as_str(),
+            http_status = result.status,
+            duration_ms = result.duration.as_millis() as u64,
+            "delivered"
+        );
+    } else {
+        info!(
+            status = status.as_str(),
+            http_status = result.status,
+            error_type = result.error_type().map(|t| t.as_str()),
+            error = result.error_message(),
+            ?outcome,
+            "attempt failed"
+        );
+    }
+    if webhook_disabled {
+        warn!(
+            error_type = result.error_type().map(|t| t.as_str()),
+            "webhook disabled"
+        );
+    }
+}
+
+/// The id used in logs for a message that is not a valid event.
+pub fn message_ref(delivery: &Delivery) -> String {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.to_string())
+        .unwrap_or_else(|| format!("delivery tag {}", delivery.delivery_tag))
+}

@@ -1,0 +1,566 @@
+//! Everything the worker keeps in Postgres: events stored once, one delivery per webhook and
+//! event, the claim that makes an attempt exclusive, and the transaction that records an
+//! attempt together with the webhook's failure counter and disabled state (CONTRACT §2, §3).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::event::{Event, TraceContext};
+use crate::outcome::{AttemptResult, ErrorType, Outcome};
+use crate::webhook::WebhookRow;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The `status` of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    Pending,
+    Delivering,
+    Delivered,
+    Failed,
+    PermanentlyFailed,
+    Disabled,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivering => "delivering",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::PermanentlyFailed => "permanently_failed",
+            DeliveryStatus::Disabled => "disabled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => DeliveryStatus::Pending,
+            "delivering" => DeliveryStatus::Delivering,
+            "delivered" => DeliveryStatus::Delivered,
+            "failed" => DeliveryStatus::Failed,
+            "permanently_failed" => DeliveryStatus::PermanentlyFailed,
+            "disabled" => DeliveryStatus::Disabled,
+            _ => return None,
+        })
+    }
+}
+
+/// What a delivery is sent from: the stored event.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredEvent {
+    #[sqlx(rename = "event_id")]
+    pub id: Uuid,
+    pub event_type: String,
+    pub occurred_at: DateTime<Utc>,
+    pub data: String,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl StoredEvent {
+    pub fn trace(&self) -> TraceContext {
+        TraceContext::new(self.traceparent.as_deref(), self.tracestate.as_deref())
+    }
+}
+
+/// A delivery claimed for attempt number `attempt`: nobody else makes that attempt.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+    pub webhook: WebhookRow,
+    pub event: Arc<StoredEvent>,
+}
+
+/// Why a retry message found no attempt to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoClaim {
+    /// The delivery no longer exists (its webhook was deleted).
+    Missing,
+    /// The delivery is in another state: its attempt is recorded, or it is no longer `failed`.
+    State {
+        status: DeliveryStatus,
+        attempts: u32,
+        next_retry_at: Option<DateTime<Utc>>,
+    },
+}
+
+/// A `failed` delivery whose next attempt must be (re)scheduled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledRetry {
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+    pub next_retry_at: Option<DateTime<Utc>>,
+}
+
+/// When a webhook is disabled (CONTRACT §3).
+#[derive(Debug, Clone, Copy)]
+pub struct DisablePolicy {
+    pub after_failures: u32,
+    pub after_failing_for: Duration,
+}
+
+/// The state a recorded attempt left its delivery in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Status {
+        status: DeliveryStatus,
+        webhook_disabled: bool,
+    },
+    /// Another process recorded this attempt first, or the delivery was deleted.
+    Superseded,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// The columns of a [`WebhookRow`] from `control_plane.webhooks w`.
+macro_rules! webhook_columns {
+    () => {
+        "w.id AS webhook_id, w.url, w.http_method, w.headers, w.secret"
+    };
+}
+
+/// The columns of a [`StoredEvent`] from `control_plane.events e`.
+macro_rules! event_columns {
+    () => {
+        "e.id AS event_id, e.event_type, e.occurred_at, e.data::text AS data, e.traceparent, e.tracestate"
+    };
+}
+
+impl Store {
+    /// A pool that connects lazily, so the process starts (not ready) while Postgres is down.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Store, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(url)?;
+        Ok(Store { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Store {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations; safe from several processes at once (sqlx holds an
+    /// advisory lock while migrating).
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// Fails unless every embedded migration is applied: a worker never consumes against a
+    /// schema it does not know.
+    pub async fn check_migrated(&self) -> Result<(), String> {
+        let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Result<Option<i64>, sqlx::Error> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await;
+        match applied {
+            Ok(Some(v)) if v >= latest => Ok(()),
+            Ok(_) => Err("the database is not migrated; run `webhook-worker migrate`".into()),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
+                Err("the database is not migrated; run `webhook-worker migrate`".into())
+            }
+            Err(e) => Err(format!("Postgres unreachable: {e}")),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// Stores a new event and creates one `delivering` delivery per matching webhook, in one
+    /// transaction. `None` when the id is already stored: nothing is written.
+    pub async fn store_event(&self, event: &Event) -> Result<Option<Vec<Job>>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO control_plane.events \
+               (id, project_id, event_type, data, occurred_at, traceparent, tracestate) \
+             VALUES ($1, $2, $3, $4::json, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(event.id)
+        .bind(&event.project_id)
+        .bind(&event.event_type)
+        .bind(event.data.get())
+        .bind(event.occurred_at)
+        .bind(&event.trace.traceparent)
+        .bind(&event.trace.tracestate)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let rows: Vec<(Uuid, WebhookRow)> = sqlx::query_as::<_, DeliveryWebhook>(concat!(
+            "WITH ins AS ( \
+               INSERT INTO control_plane.webhook_deliveries \
+                 (webhook_id, event_id, project_id, event_type, status) \
+               SELECT w.id, $1, $2, $3, 'delivering' FROM control_plane.webhooks w \
+               WHERE w.project_id = $2 AND NOT w.disabled \
+                 AND (w.event_type = $3 OR w.event_type = '*') \
+               RETURNING id, webhook_id) \
+             SELECT ins.id AS delivery_id, ",
+            webhook_columns!(),
+            " \
+             FROM ins JOIN control_plane.webhooks w ON w.id = ins.webhook_id"
+        ))
+        .bind(event.id)
+        .bind(&event.project_id)
+        .bind(&event.event_type)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.delivery_id, r.webhook))
+        .collect();
+        tx.commit().await?;
+        let stored = Arc::new(StoredEvent {
+            id: event.id,
+            event_type: event.event_type.clone(),
+            occurred_at: event.occurred_at,
+            data: event.data.get().to_string(),
+            traceparent: event.trace.traceparent.clone(),
+            tracestate: event.trace.tracestate.clone(),
+        });
+        Ok(Some(jobs(rows, 1, stored)))
+    }
+
+    /// For an event message the broker delivers again (its first processing did not finish):
+    /// claims the deliveries whose first attempt was never recorded, and lists those whose
+    /// first attempt failed, so that their retry can be scheduled again.
+    pub async fn resume_event(
+        &self,
+        event_id: Uuid,
+    ) -> Result<(Vec<Job>, Vec<ScheduledRetry>), sqlx::Error> {
+        let rows: Vec<(Uuid, WebhookRow)> = sqlx::query_as::<_, DeliveryWebhook>(concat!(
+            "WITH claimed AS ( \
+               UPDATE control_plane.webhook_deliveries SET status = 'delivering', updated_at = now() \
+               WHERE event_id = $1 AND attempts = 0 AND status IN ('pending', 'delivering') \
+               RETURNING id, webhook_id) \
+             SELECT claimed.id AS delivery_id, ",
+            webhook_columns!(),
+            " \
+             FROM claimed JOIN control_plane.webhooks w ON w.id = claimed.webhook_id"
+        ))
+        .bind(event_id)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|r| (r.delivery_id, r.webhook))
+        .collect();
+        let retries = sqlx::query_as::<_, (Uuid, Option<DateTime<Utc>>)>(
+            "SELECT id, next_retry_at FROM control_plane.webhook_deliveries \
+             WHERE event_id = $1 AND attempts = 1 AND status = 'failed'",
+        )
+        .bind(event_id)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|(delivery_id, next_retry_at)| ScheduledRetry {
+            delivery_id,
+            attempt: 2,
+            next_retry_at,
+        })
+        .collect();
+        if rows.is_empty() {
+            return Ok((Vec::new(), retries));
+        }
+        let event = sqlx::query_as::<_, StoredEvent>(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM control_plane.events e WHERE e.id = $1"
+        ))
+        .bind(event_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((jobs(rows, 1, Arc::new(event)), retries))
+    }
+
+    /// Claims attempt `attempt` of a delivery: it must be `pending` or `failed` with
+    /// `attempt - 1` attempts recorded. A message the broker redelivered may also take over
+    /// a `delivering` one, whose process died before recording the attempt.
+    pub async fn claim(
+        &self,
+        delivery_id: Uuid,
+        attempt: u32,
+        redelivered: bool,
+    ) -> Result<Result<Job, NoClaim>, sqlx::Error> {
+        let row = sqlx::query_as::<_, ClaimRow>(concat!(
+            "WITH claimed AS ( \
+               UPDATE control_plane.webhook_deliveries SET status = 'delivering', updated_at = now() \
+               WHERE id = $1 AND attempts = $2 - 1 \
+                 AND (status IN ('pending', 'failed') OR (status = 'delivering' AND $3)) \
+               RETURNING id, webhook_id, event_id) \
+             SELECT ",
+            webhook_columns!(),
+            ", ",
+            event_columns!(),
+            " FROM claimed \
+             JOIN control_plane.webhooks w ON w.id = claimed.webhook_id \
+             JOIN control_plane.events e ON e.id = claimed.event_id"
+        ))
+        .bind(delivery_id)
+        .bind(attempt as i32)
+        .bind(redelivered)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            return Ok(Ok(Job {
+                delivery_id,
+                attempt,
+                webhook: row.webhook,
+                event: Arc::new(row.event),
+            }));
+        }
+        let state = sqlx::query_as::<_, (String, i32, Option<DateTime<Utc>>)>(
+            "SELECT status, attempts, next_retry_at FROM control_plane.webhook_deliveries \
+             WHERE id = $1",
+        )
+        .bind(delivery_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(Err(match state {
+            None => NoClaim::Missing,
+            Some((status, attempts, next_retry_at)) => NoClaim::State {
+                status: DeliveryStatus::parse(&status).unwrap_or(DeliveryStatus::Delivering),
+                attempts: attempts.max(0) as u32,
+                next_retry_at,
+            },
+        }))
+    }
+
+    /// Reads the webhook row again, for an attempt that waited for capacity: every attempt
+    /// uses the row as it was at most 2 seconds before it started.
+    pub async fn webhook(&self, id: Uuid) -> Result<Option<WebhookRow>, sqlx::Error> {
+        sqlx::query_as::<_, WebhookRow>(concat!(
+            "SELECT ",
+            webhook_columns!(),
+            " FROM control_plane.webhooks w WHERE w.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Records an attempt: its row, the webhook's counter (and disabled state), and the
+    /// delivery's new state, in one transaction.
+    pub async fn record(
+        &self,
+        job: &Job,
+        started_at: DateTime<Utc>,
+        result: &AttemptResult,
+        outcome: Outcome,
+        policy: DisablePolicy,
+    ) -> Result<Recorded, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let duration_ms = i32::try_from(result.duration.as_millis()).unwrap_or(i32::MAX);
+        let inserted = sqlx::query(
+            "INSERT INTO control_plane.webhook_delivery_attempts \
+               (delivery_id, webhook_id, attempt_number, started_at, duration_ms, \
+                http_status_code, response_body, error_type, error_message, succeeded) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (delivery_id, attempt_number) DO NOTHING",
+        )
+        .bind(job.delivery_id)
+        .bind(job.webhook.id)
+        .bind(job.attempt as i32)
+        .bind(started_at)
+        .bind(duration_ms)
+        .bind(result.status.map(i32::from))
+        .bind(result.body.as_deref())
+        .bind(result.error_type().map(ErrorType::as_str))
+        .bind(result.error_message())
+        .bind(result.succeeded())
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(r) if r.rows_affected() == 1 => {}
+            Ok(_) => return Ok(Recorded::Superseded),
+            // The delivery was deleted with its webhook meanwhile.
+            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                return Ok(Recorded::Superseded);
+            }
+            Err(e) => return Err(e),
+        }
+
+        let webhook_disabled =
+            update_webhook(&mut tx, job, started_at, result, outcome, policy).await?;
+
+        let (status, next_retry_at) = match outcome {
+            Outcome::Delivered => (DeliveryStatus::Delivered, None),
+            Outcome::Retry { after } => (
+                DeliveryStatus::Failed,
+                Some(Utc::now() + chrono::Duration::from_std(after).unwrap_or_default()),
+            ),
+            Outcome::GiveUp | Outcome::Gone => (DeliveryStatus::PermanentlyFailed, None),
+        };
+        // A retry of a webhook disabled meanwhile (here or by another process) stops here,
+        // like the webhook's other waiting deliveries.
+        let (final_status,): (String,) = sqlx::query_as(
+            "UPDATE control_plane.webhook_deliveries d SET \
+               status = CASE WHEN stopped THEN 'disabled' ELSE $2 END, \
+               attempts = $3, http_status_code = $4, response_body = $5, \
+               error_type = CASE WHEN stopped THEN 'WEBHOOK_DISABLED' ELSE $6 END, \
+               error_message = CASE WHEN stopped \
+                 THEN 'webhook disabled: ' || coalesce(w.disabled_reason, 'by an operator') \
+                 ELSE $7 END, \
+               duration_ms = $8, \
+               next_retry_at = CASE WHEN $2 = 'failed' AND NOT stopped THEN $9 END, \
+               delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE d.delivered_at END, \
+               updated_at = now() \
+             FROM (SELECT id, disabled_reason, $2 = 'failed' AND disabled AS stopped \
+                   FROM control_plane.webhooks) w \
+             WHERE d.id = $1 AND w.id = d.webhook_id RETURNING d.status",
+        )
+        .bind(job.delivery_id)
+        .bind(status.as_str())
+        .bind(job.attempt as i32)
+        .bind(result.status.map(i32::from))
+        .bind(result.body.as_deref())
+        .bind(result.error_type().map(ErrorType::as_str))
+        .bind(result.error_message())
+        .bind(duration_ms)
+        .bind(next_retry_at)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Recorded::Status {
+            status: DeliveryStatus::parse(&final_status).unwrap_or(status),
+            webhook_disabled,
+        })
+    }
+}
+
+/// Counts the attempt on the webhook unless the webhook's disabled state changed after the
+/// attempt started, and disables it when the policy says so. Returns whether it disabled it.
+async fn update_webhook(
+    tx: &mut Transaction<'_, Postgres>,
+    job: &Job,
+    started_at: DateTime<Utc>,
+    result: &AttemptResult,
+    outcome: Outcome,
+    policy: DisablePolicy,
+) -> Result<bool, sqlx::Error> {
+    let ok = result.succeeded();
+    let counted: Option<(i32, Option<f64>)> = sqlx::query_as(
+        "UPDATE control_plane.webhooks SET \
+           consecutive_failures = CASE WHEN $2 THEN 0 ELSE consecutive_failures + 1 END, \
+           failing_since = CASE WHEN $2 THEN NULL ELSE COALESCE(failing_since, now()) END, \
+           last_delivery_at = CASE WHEN $2 THEN now() ELSE last_delivery_at END, \
+           last_failure_at = CASE WHEN $2 THEN last_failure_at ELSE now() END \
+         WHERE id = $1 AND NOT disabled AND disabled_changed_at <= $3 \
+         RETURNING consecutive_failures, \
+           EXTRACT(EPOCH FROM now() - failing_since)::float8",
+    )
+    .bind(job.webhook.id)
+    .bind(ok)
+    .bind(started_at)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((failures, failing_secs)) = counted else {
+        return Ok(false);
+    };
+    let failing_for = Duration::from_secs_f64(failing_secs.unwrap_or(0.0).max(0.0));
+    let reason = if outcome == Outcome::Gone {
+        Some("the endpoint answered 410 Gone".to_string())
+    } else if !ok
+        && policy.after_failures > 0
+        && failures as u32 >= policy.after_failures
+        && failing_for >= policy.after_failing_for
+    {
+        let last = match result.error.as_ref() {
+            Some((t, m)) => format!("{t}: {m}"),
+            None => "unknown".into(),
+        };
+        Some(format!(
+            "{failures} consecutive failed attempts over {}; last error: {last}",
+            humantime::format_duration(Duration::from_secs(failing_for.as_secs()))
+        ))
+    } else {
+        None
+    };
+    let Some(reason) = reason else {
+        return Ok(false);
+    };
+    sqlx::query(
+        "UPDATE control_plane.webhooks SET disabled = true, disabled_at = now(), \
+           disabled_reason = $2 WHERE id = $1",
+    )
+    .bind(job.webhook.id)
+    .bind(&reason)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE control_plane.webhook_deliveries SET status = 'disabled', next_retry_at = NULL, \
+           error_type = 'WEBHOOK_DISABLED', error_message = $2, updated_at = now() \
+         WHERE webhook_id = $1 AND status IN ('pending', 'failed')",
+    )
+    .bind(job.webhook.id)
+    .bind(format!("webhook disabled: {reason}"))
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
+
+fn jobs(rows: Vec<(Uuid, WebhookRow)>, attempt: u32, event: Arc<StoredEvent>) -> Vec<Job> {
+    rows.into_iter()
+        .map(|(delivery_id, webhook)| Job {
+            delivery_id,
+            attempt,
+            webhook,
+            event: event.clone(),
+        })
+        .collect()
+}
+
+#[derive(sqlx::FromRow)]
+struct DeliveryWebhook {
+    delivery_id: Uuid,
+    #[sqlx(flatten)]
+    webhook: WebhookRow,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    #[sqlx(flatten)]
+    webhook: WebhookRow,
+    #[sqlx(flatten)]
+    event: StoredEvent,
+}
+
+/// Errors that pass when the database comes back: retrying the same work is right.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception, 40: rollback (serialization, deadlock),
+            // 53: insufficient resources, 57P0x: server shutting down.
+            code.starts_with("08")
+                || code.starts_with("40")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+        }),
+        _ => false,
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real worker against the local RabbitMQ and Postgres, delivering
+//! to a real HTTP receiver on loopback. Each test has its own database and vhost.
+
+mod harness;
+
+mod delivery;
+mod events;
+mod process;
+mod retries;
+mod webhook_state;
