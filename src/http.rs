@@ -1,12 +1,14 @@
 //! The outbound HTTP client and one delivery attempt over it: no redirects, no proxy from
 //! the environment, a timeout over the whole exchange and at most 64 KiB of body read.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, Response};
 
+use crate::destination::{Blocked, GlobalOnlyResolver};
 use crate::event::TraceContext;
 use crate::outcome::{AttemptResult, ErrorType};
 use crate::webhook::Target;
@@ -16,14 +18,19 @@ pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
 pub const USER_AGENT: &str = concat!("webhook-worker/", env!("CARGO_PKG_VERSION"));
 
-/// A client shared by all attempts, so connections to receivers are reused.
-pub fn client() -> reqwest::Result<Client> {
-    Client::builder()
+/// A client shared by all attempts, so connections to receivers are reused. Proxies from
+/// the environment are ignored (a proxy would hide the address actually connected to);
+/// unless `allow_private_ips`, names resolve to global addresses only.
+pub fn client(allow_private_ips: bool) -> reqwest::Result<Client> {
+    let builder = Client::builder()
         .user_agent(USER_AGENT)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()
+        .pool_idle_timeout(Duration::from_secs(60));
+    match allow_private_ips {
+        true => builder.build(),
+        false => builder.dns_resolver(Arc::new(GlobalOnlyResolver)).build(),
+    }
 }
 
 /// What is sent: the parts of the request that do not depend on the webhook.
@@ -154,6 +161,13 @@ fn classify(e: &reqwest::Error) -> ErrorType {
     }
     if e.is_builder() {
         return ErrorType::InvalidUrl;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<Blocked>() {
+            return ErrorType::BlockedDestination;
+        }
+        source = s.source();
     }
     let chain = describe(e).to_lowercase();
     if chain.contains("certificate") || chain.contains("tls") || chain.contains("handshake") {

@@ -7,8 +7,8 @@
 //! - [`pipeline`] handles one message. A producer's [`event`] is stored once and fanned out
 //!   by the [`store`] into one delivery per matching webhook; a retry [`message`] claims
 //!   attempt N of one delivery.
-//! - Each attempt turns the [`webhook`] row into a target, is sent by [`http`] (signed with
-//!   [`signature`]), judged by the pure retry policy in [`outcome`], and recorded by the
+//! - Each attempt turns the [`webhook`] row into a target, checked by [`destination`], is
+//!   sent by [`http`] (signed with [`signature`]), judged by the pure retry policy in [`outcome`], and recorded by the
 //!   [`store`] together with the webhook's failure counter; a retry goes to a delay queue
 //!   through [`amqp`]'s confirmed publisher before the message is acknowledged.
 //! - [`config`] and [`cli`] are the process's surface, [`health`] its probes.
@@ -16,6 +16,7 @@
 pub mod amqp;
 pub mod cli;
 pub mod config;
+pub mod destination;
 pub mod event;
 pub mod health;
 pub mod http;

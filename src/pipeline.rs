@@ -15,10 +15,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::amqp::{PublishError, Publisher};
 use crate::config::Config;
+use crate::destination;
 use crate::event::{Event, TraceContext};
 use crate::http;
 use crate::message::{RETRY_KIND, RetryTask};
-use crate::outcome::{AttemptResult, Outcome, decide};
+use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
 use crate::store::{DeliveryStatus, DisablePolicy, Job, NoClaim, Recorded, ScheduledRetry, Store};
 use crate::topology::{self, header_str};
 
@@ -210,7 +211,14 @@ impl Pipeline {
                 }
             }
             let started_at = Utc::now();
-            let result = match job.webhook.target() {
+            let target = job.webhook.target().and_then(|target| {
+                if !self.config.allow_private_ips {
+                    destination::check_url(&target.url)
+                        .map_err(|blocked| (ErrorType::BlockedDestination, blocked.to_string()))?;
+                }
+                Ok(target)
+            });
+            let result = match target {
                 Err((error_type, message)) => AttemptResult::failed(error_type, message),
                 Ok(target) => {
                     let body = http::body(

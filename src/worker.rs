@@ -52,7 +52,7 @@ impl Worker {
             .with_context(|| {
                 format!("invalid DATABASE_URL {}", redact_url(&config.database_url))
             })?;
-        let http = http::client().context("building the HTTP client")?;
+        let http = http::client(config.allow_private_ips).context("building the HTTP client")?;
         let listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("binding HTTP_ADDR {}", config.http_addr))?;

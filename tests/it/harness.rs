@@ -153,6 +153,17 @@ impl TestEnv {
             })
     }
 
+    /// Declares the worker's topology, as `publish` or a starting worker would, so that
+    /// events published before a worker runs are kept.
+    pub async fn declare_topology(&self) {
+        let config = self.config(&[]);
+        let conn = self.amqp().await;
+        topology::declare(&conn, config.queue_type, &config.retry_schedule)
+            .await
+            .expect("declaring the topology");
+        conn.close(200, "bye".into()).await.ok();
+    }
+
     /// Publishes raw bytes as a producer would, to `exchange` (`webhook.events` or "").
     pub async fn publish_raw(
         &self,
@@ -262,7 +273,7 @@ impl TestEnv {
 
     pub async fn webhook(&self, id: Uuid) -> WebhookState {
         sqlx::query_as(
-            "SELECT disabled, disabled_at IS NOT NULL AS has_disabled_at, disabled_reason, \
+            "SELECT disabled, disabled_at, disabled_reason, \
                consecutive_failures, failing_since IS NOT NULL AS is_failing, \
                last_delivery_at IS NOT NULL AS has_last_delivery, \
                last_failure_at IS NOT NULL AS has_last_failure \
@@ -381,7 +392,7 @@ pub struct AttemptRow {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct WebhookState {
     pub disabled: bool,
-    pub has_disabled_at: bool,
+    pub disabled_at: Option<chrono::DateTime<chrono::Utc>>,
     pub disabled_reason: Option<String>,
     pub consecutive_failures: i32,
     pub is_failing: bool,

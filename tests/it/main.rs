@@ -7,4 +7,5 @@ mod delivery;
 mod events;
 mod process;
 mod retries;
+mod ssrf;
 mod webhook_state;
