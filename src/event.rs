@@ -320,4 +320,65 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(serde_json::Value::from),
+                any::<String>().prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(any::<String>(), inner, 0..6)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn any_bytes_give_an_event_or_a_reason_never_a_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = Event::parse(&body, TraceContext::default(), Utc::now());
+            }
+
+            #[test]
+            fn any_json_gives_an_event_or_a_reason(value in json_value()) {
+                let body = serde_json::to_vec(&value).unwrap();
+                if let Err(e) = Event::parse(&body, TraceContext::default(), Utc::now()) {
+                    prop_assert!(!e.0.is_empty());
+                }
+            }
+
+            #[test]
+            fn a_valid_event_keeps_its_data_verbatim(
+                data in json_value(),
+                project in "[^\\x00]{1,40}",
+                event_type in "[A-Za-z0-9_.:-]{1,255}",
+            ) {
+                let data_text = serde_json::to_string(&data).unwrap();
+                let body = format!(
+                    r#"{{"id":"{ID}","project_id":{},"event_type":"{event_type}","data":{data_text}}}"#,
+                    serde_json::to_string(&project).unwrap()
+                );
+                let event = Event::parse(body.as_bytes(), TraceContext::default(), Utc::now()).unwrap();
+                prop_assert_eq!(event.data.get(), data_text.as_str());
+                prop_assert_eq!(event.project_id, project);
+                prop_assert_eq!(event.event_type, event_type);
+            }
+
+            #[test]
+            fn event_types_outside_the_alphabet_are_refused(event_type in "[A-Za-z0-9]{0,5}[^A-Za-z0-9_.:-][A-Za-z0-9]{0,5}") {
+                prop_assert!(validate_event_type(&event_type).is_err());
+            }
+        }
+    }
 }

@@ -14,6 +14,12 @@ pub const EXCHANGE: &str = "webhook.events";
 pub const WORK_QUEUE: &str = "webhook.events.work";
 pub const DEAD_QUEUE: &str = "webhook.events.dead";
 
+/// The broker's own limit on deliveries of one message of the work queue (quorum queues
+/// only), after which it dead-letters the message. A backstop above the worker's own
+/// limits: the worker dead-letters an event Postgres refuses at once, and one whose
+/// processing panics on its third delivery.
+pub const BROKER_DELIVERY_LIMIT: i64 = 20;
+
 /// The delay queue for one retry delay: `webhook.retry.<ms>`.
 pub fn retry_queue(delay: Duration) -> String {
     format!("webhook.retry.{}", delay.as_millis())
@@ -148,6 +154,12 @@ fn dead_letter_to(args: &mut FieldTable, queue_type: QueueType, target: &str) {
 fn work_queue_args(queue_type: QueueType) -> FieldTable {
     let mut args = base_args(queue_type);
     dead_letter_to(&mut args, queue_type, DEAD_QUEUE);
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(BROKER_DELIVERY_LIMIT),
+        );
+    }
     args
 }
 
@@ -168,6 +180,20 @@ fn retry_queue_args(queue_type: QueueType, delay: Duration) -> FieldTable {
 
 fn string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
+}
+
+/// A header value as an integer, whatever integer type it was sent as.
+pub fn header_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
+    match headers?.inner().get(&ShortString::from(name))? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    }
 }
 
 /// A header value as text, whatever string type the producer used.

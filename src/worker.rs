@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -195,9 +197,36 @@ async fn drain(tasks: &mut JoinSet<()>, limit: Duration) {
     }
 }
 
-/// Handles a message and settles it with the broker as the pipeline decided.
+/// Deliveries of one message whose processing panicked before the worker dead-letters it.
+const MAX_PANICS: i64 = 3;
+
+/// Handles a message and settles it with the broker as the pipeline decided. A panic is
+/// a bug, but it must not lose the message nor loop on it forever.
 async fn settle(pipeline: &Pipeline, publisher: &Publisher, delivery: Delivery) {
-    let settled = match pipeline.handle(&delivery, publisher).await {
+    let handled = AssertUnwindSafe(pipeline.handle(&delivery, publisher))
+        .catch_unwind()
+        .await;
+    let disposition = handled.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        // Quorum queues count deliveries; classic ones only say "redelivered".
+        let deliveries =
+            topology::header_int(delivery.properties.headers().as_ref(), "x-delivery-count")
+                .map(|n| n + 1)
+                .unwrap_or(if delivery.redelivered { 2 } else { 1 });
+        error!(message = %message_ref(&delivery), panic = %what, deliveries, "processing panicked");
+        if deliveries >= MAX_PANICS {
+            Disposition::DeadLetter(format!(
+                "processing panicked on {deliveries} deliveries: {what}"
+            ))
+        } else {
+            Disposition::Requeue(format!("processing panicked: {what}"))
+        }
+    });
+    let settled = match disposition {
         Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
         Disposition::DeadLetter(reason) => {
             warn!(message = %message_ref(&delivery), %reason, "message moved to {}", topology::DEAD_QUEUE);

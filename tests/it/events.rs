@@ -99,3 +99,27 @@ async fn malformed_events_are_dead_lettered_with_the_reason() {
     assert_eq!(t.seen().len(), 1);
     t.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_postgres_refuses_is_dead_lettered_and_the_queue_moves_on() {
+    let t = OneHook::start("hook", vec![Reply::Status(200)], &[]).await;
+    // Valid JSON, but Postgres text cannot hold a NUL character.
+    let poison = format!(
+        r#"{{"id":"{}","project_id":"p\u0000x","event_type":"t","data":1}}"#,
+        uuid::Uuid::new_v4()
+    );
+    t.env
+        .publish_raw(
+            topology::EXCHANGE,
+            "t",
+            poison.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    let next = t.publish().await;
+    t.wait(next, &["delivered"], 10).await;
+    let dead = t.env.wait_for_dead_letters(1).await;
+    assert_eq!(dead[0].0, poison.as_bytes());
+    assert!(dead[0].1.contains("Postgres refused"), "{}", dead[0].1);
+    t.stop().await;
+}
