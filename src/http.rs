@@ -162,31 +162,41 @@ fn classify(e: &reqwest::Error) -> ErrorType {
     if e.is_builder() {
         return ErrorType::InvalidUrl;
     }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if s.is::<Blocked>() {
+    for cause in causes(e) {
+        if cause.is::<Blocked>() {
             return ErrorType::BlockedDestination;
         }
-        source = s.source();
+        if cause.is::<rustls::Error>() {
+            return ErrorType::TlsError;
+        }
     }
-    let chain = describe(e).to_lowercase();
-    if chain.contains("certificate") || chain.contains("tls") || chain.contains("handshake") {
-        ErrorType::TlsError
-    } else {
-        ErrorType::UrlNotReachable
-    }
+    ErrorType::UrlNotReachable
+}
+
+/// The causes of an error, innermost last. An `io::Error` hides the error it wraps from
+/// `source()`, so the walk steps into it.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(e.source(), |cause| {
+        match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static))
+                .or_else(|| cause.source()),
+            None => cause.source(),
+        }
+    })
 }
 
 /// The error and its causes on one line, without the URL (it may carry credentials).
 fn describe(e: &reqwest::Error) -> String {
     let mut parts = vec![e.to_string()];
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
+    for cause in causes(e) {
+        let text = cause.to_string();
         if !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }
-        source = s.source();
     }
     parts.join(": ")
 }

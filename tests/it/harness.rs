@@ -236,7 +236,7 @@ impl TestEnv {
     pub async fn delivery(&self, webhook_id: Uuid, event_id: Uuid) -> Option<DeliveryRow> {
         sqlx::query_as(
             "SELECT id, status, attempts, http_status_code, error_type, error_message, \
-               response_body, next_retry_at IS NOT NULL AS has_next_retry, delivered_at IS NOT NULL AS is_delivered \
+               response_body, duration_ms, next_retry_at IS NOT NULL AS has_next_retry, delivered_at IS NOT NULL AS is_delivered \
              FROM control_plane.webhook_deliveries WHERE webhook_id = $1 AND event_id = $2",
         )
         .bind(webhook_id)
@@ -249,7 +249,7 @@ impl TestEnv {
     pub async fn deliveries_of(&self, webhook_id: Uuid) -> Vec<DeliveryRow> {
         sqlx::query_as(
             "SELECT id, status, attempts, http_status_code, error_type, error_message, \
-               response_body, next_retry_at IS NOT NULL AS has_next_retry, delivered_at IS NOT NULL AS is_delivered \
+               response_body, duration_ms, next_retry_at IS NOT NULL AS has_next_retry, delivered_at IS NOT NULL AS is_delivered \
              FROM control_plane.webhook_deliveries WHERE webhook_id = $1 ORDER BY created_at",
         )
         .bind(webhook_id)
@@ -374,6 +374,7 @@ pub struct DeliveryRow {
     pub error_type: Option<String>,
     pub error_message: Option<String>,
     pub response_body: Option<String>,
+    pub duration_ms: Option<i32>,
     pub has_next_retry: bool,
     pub is_delivered: bool,
 }
@@ -455,6 +456,10 @@ pub enum Reply {
     Body(u16, String),
     /// Waits until `Receiver::release` before answering 200.
     Hold,
+    /// 200 with a body of this many bytes, streamed as fast as the client reads.
+    Huge(u64),
+    /// 200, then one byte of body a second, forever.
+    Trickle,
     /// Never answers.
     Hang,
 }
@@ -584,6 +589,21 @@ async fn receive(
                 notified.await;
             }
             StatusCode::OK.into_response()
+        }
+        Reply::Huge(total) => {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let chunks = total.div_ceil(chunk.len() as u64);
+            let stream = futures_util::stream::iter(
+                (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+            );
+            (StatusCode::OK, axum::body::Body::from_stream(stream)).into_response()
+        }
+        Reply::Trickle => {
+            let stream = futures_util::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Some((Ok::<_, std::io::Error>(Bytes::from_static(b"x")), ()))
+            });
+            (StatusCode::OK, axum::body::Body::from_stream(stream)).into_response()
         }
         Reply::Hang => {
             std::future::pending::<()>().await;

@@ -6,6 +6,8 @@ mod harness;
 mod delivery;
 mod events;
 mod process;
+mod receivers;
 mod retries;
+mod secrets;
 mod ssrf;
 mod webhook_state;
