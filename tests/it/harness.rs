@@ -401,6 +401,54 @@ pub struct WebhookState {
     pub has_last_failure: bool,
 }
 
+/// The worker binary as a child process, as users run it.
+pub struct WorkerProcess {
+    pub child: std::process::Child,
+}
+
+impl WorkerProcess {
+    pub fn spawn(env: &TestEnv, extra_env: &[(&str, &str)]) -> WorkerProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_webhook-worker"))
+            .arg("run")
+            .envs([
+                ("DATABASE_URL", env.db_url.as_str()),
+                ("AMQP_URL", env.amqp_url.as_str()),
+                ("HTTP_ADDR", "127.0.0.1:0"),
+                ("ALLOW_PRIVATE_IPS", "true"),
+            ])
+            .envs(extra_env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the webhook-worker binary");
+        WorkerProcess { child }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {signal} {pid}");
+    }
+
+    /// Waits for the process to exit; its exit code (None when killed by a signal).
+    pub async fn wait(mut self) -> Option<i32> {
+        tokio::task::spawn_blocking(move || self.child.wait().unwrap().code())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The worker, running in this process until stopped.
 pub struct RunningWorker {
     pub stop: CancellationToken,
@@ -456,6 +504,8 @@ pub enum Reply {
     Body(u16, String),
     /// Waits until `Receiver::release` before answering 200.
     Hold,
+    /// Waits this long, then answers 200.
+    Slow(Duration),
     /// 200 with a body of this many bytes, streamed as fast as the client reads.
     Huge(u64),
     /// 200, then one byte of body a second, forever.
@@ -588,6 +638,10 @@ async fn receive(
             if !state.released.load(std::sync::atomic::Ordering::SeqCst) {
                 notified.await;
             }
+            StatusCode::OK.into_response()
+        }
+        Reply::Slow(delay) => {
+            tokio::time::sleep(delay).await;
             StatusCode::OK.into_response()
         }
         Reply::Huge(total) => {

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod crash;
 mod delivery;
 mod events;
 mod process;
