@@ -1,5 +1,6 @@
-//! `/healthz` (the process is alive) and `/readyz` (connected to RabbitMQ and Postgres and
-//! consuming) on `HTTP_ADDR`, for load balancers and orchestrators.
+//! `/healthz` (the process is alive), `/readyz` (connected to RabbitMQ and Postgres and
+//! consuming) and `/metrics` (Prometheus text) on `HTTP_ADDR`, for orchestrators and
+//! monitoring.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Whether the worker is consuming; set by the consumer loop.
@@ -32,6 +34,7 @@ impl Readiness {
 struct AppState {
     readiness: Readiness,
     store: Store,
+    metrics: Arc<Metrics>,
 }
 
 /// Serves the endpoints until `shutdown`.
@@ -39,15 +42,31 @@ pub async fn serve(
     listener: TcpListener,
     readiness: Readiness,
     store: Store,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(AppState { readiness, store });
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState {
+            readiness,
+            store,
+            metrics,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, &'static str) {

@@ -11,7 +11,8 @@
 //!   sent by [`http`] (signed with [`signature`]), judged by the pure retry policy in [`outcome`], and recorded by the
 //!   [`store`] together with the webhook's failure counter; a retry goes to a delay queue
 //!   through [`amqp`]'s confirmed publisher before the message is acknowledged.
-//! - [`config`] and [`cli`] are the process's surface, [`health`] its probes.
+//! - [`config`] and [`cli`] are the process's surface, [`health`] its probes and
+//!   [`metrics`] its numbers.
 
 pub mod amqp;
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod health;
 pub mod http;
 pub mod logging;
 pub mod message;
+pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
 pub mod publish;

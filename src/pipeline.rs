@@ -4,10 +4,10 @@
 //! it is acknowledged only once everything it caused is committed or confirmed.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
@@ -19,6 +19,7 @@ use crate::destination;
 use crate::event::{Event, TraceContext};
 use crate::http;
 use crate::message::{RETRY_KIND, RetryTask};
+use crate::metrics::Metrics;
 use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
 use crate::store::{DeliveryStatus, DisablePolicy, Job, NoClaim, Recorded, ScheduledRetry, Store};
 use crate::topology::{self, header_str};
@@ -28,6 +29,8 @@ use crate::topology::{self, header_str};
 pub enum Disposition {
     /// Everything it caused is committed: acknowledge.
     Ack,
+    /// An event id already stored: acknowledge, nothing to do.
+    Duplicate,
     /// It can never be processed: move it to `webhook.events.dead` with this reason.
     DeadLetter(String),
     /// A dependency failed before its effects were committed: let the broker deliver it
@@ -66,20 +69,34 @@ pub struct Pipeline {
     pub http: reqwest::Client,
     /// `MAX_IN_FLIGHT`: a permit per HTTP attempt.
     pub in_flight: Arc<Semaphore>,
+    pub metrics: Arc<Metrics>,
+    /// When an outage was last reported, so that hundreds of waiting messages make one
+    /// warning every few seconds, not one each.
+    outage_reported: Mutex<Option<Instant>>,
 }
 
 /// Re-read the webhook row when an attempt waited this long for capacity, so that no
 /// attempt uses a row older than CONTRACT §2 allows.
 const STALE_ROW: Duration = Duration::from_secs(1);
 
+/// At most one warning per this interval while Postgres is unreachable.
+const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(5);
+
 impl Pipeline {
-    pub fn new(config: Arc<Config>, store: Store, http: reqwest::Client) -> Pipeline {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        http: reqwest::Client,
+        metrics: Arc<Metrics>,
+    ) -> Pipeline {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight as usize));
         Pipeline {
             config,
             store,
             http,
             in_flight,
+            metrics,
+            outage_reported: Mutex::new(None),
         }
     }
 
@@ -92,12 +109,7 @@ impl Pipeline {
 
     /// Handles one message from the work queue: a retry message or a producer's event.
     pub async fn handle(&self, delivery: &Delivery, publisher: &Publisher) -> Disposition {
-        let is_retry = delivery
-            .properties
-            .kind()
-            .as_ref()
-            .is_some_and(|k| k.as_str() == RETRY_KIND);
-        let result = if is_retry {
+        let result = if is_retry(delivery) {
             self.handle_retry(delivery, publisher).await
         } else {
             self.handle_event(delivery, publisher).await
@@ -133,7 +145,7 @@ impl Pipeline {
                 }
                 None => {
                     info!("event id already stored; duplicate ignored");
-                    return Ok(Disposition::Ack);
+                    return Ok(Disposition::Duplicate);
                 }
             };
             debug!(deliveries = jobs.len(), "fanned out");
@@ -191,53 +203,14 @@ impl Pipeline {
 
     /// One attempt of a claimed delivery, from request to recorded outcome and scheduled
     /// retry.
-    async fn attempt(&self, mut job: Job, publisher: &Publisher) -> Result<(), Failure> {
+    async fn attempt(&self, job: Job, publisher: &Publisher) -> Result<(), Failure> {
         let span = info_span!("attempt", delivery_id = %job.delivery_id,
             webhook_id = %job.webhook.id, attempt = job.attempt);
         async {
-            let waiting = Instant::now();
-            let permit = self
-                .in_flight
-                .acquire()
-                .await
-                .expect("the semaphore is never closed");
-            if waiting.elapsed() > STALE_ROW {
-                match self
-                    .db("reading the webhook", || self.store.webhook(job.webhook.id))
-                    .await?
-                {
-                    Some(row) => job.webhook = row,
-                    None => return Ok(()), // deleted, and its deliveries with it
-                }
-            }
-            let started_at = Utc::now();
-            let target = job.webhook.target().and_then(|target| {
-                if !self.config.allow_private_ips {
-                    destination::check_url(&target.url)
-                        .map_err(|blocked| (ErrorType::BlockedDestination, blocked.to_string()))?;
-                }
-                Ok(target)
-            });
-            let result = match target {
-                Err((error_type, message)) => AttemptResult::failed(error_type, message),
-                Ok(target) => {
-                    let body = http::body(
-                        &job.event.event_type,
-                        job.event.occurred_at,
-                        &job.event.data,
-                    );
-                    let event_id = job.event.id.to_string();
-                    let trace = job.event.trace();
-                    let msg = http::Message {
-                        event_id: &event_id,
-                        body: &body,
-                        trace: &trace,
-                    };
-                    http::send(&self.http, &target, &msg, self.config.delivery_timeout).await
-                }
+            let Some((job, started_at, result)) = self.send(job).await? else {
+                return Ok(()); // the webhook was deleted, and its deliveries with it
             };
-            drop(permit);
-
+            self.metrics.attempt(result.error_type(), result.duration);
             let outcome = decide(self.config.retry_schedule.delays(), job.attempt, &result);
             let recorded = self
                 .db("recording the attempt", || {
@@ -246,28 +219,84 @@ impl Pipeline {
                 })
                 .await?;
             log_attempt(&result, outcome, recorded);
-            if let (
-                Recorded::Status {
-                    status: DeliveryStatus::Failed,
-                    ..
-                },
-                Outcome::Retry { after },
-            ) = (recorded, outcome)
-            {
-                let task = RetryTask::new(job.delivery_id, job.attempt + 1);
-                publisher
-                    .publish(
-                        "",
-                        &topology::retry_queue(after),
-                        &task.to_bytes(),
-                        task.properties(&job.event.trace()),
-                    )
-                    .await?;
+            let Recorded::Status { status, stopped } = recorded else {
+                return Ok(());
+            };
+            if let Some(others) = stopped {
+                self.metrics.webhook_disabled(outcome == Outcome::Gone);
+                for _ in 0..others {
+                    self.metrics.finished(DeliveryStatus::Disabled, None);
+                }
+            }
+            match (status, outcome) {
+                (DeliveryStatus::Failed, Outcome::Retry { after }) => {
+                    let task = RetryTask::new(job.delivery_id, job.attempt + 1);
+                    let properties = task.properties(&job.event.trace());
+                    let queue = topology::retry_queue(after);
+                    publisher
+                        .publish("", &queue, &task.to_bytes(), properties)
+                        .await?;
+                    self.metrics.retry_scheduled(after);
+                }
+                (DeliveryStatus::Delivered, _) => {
+                    let latency = (Utc::now() - job.event.received_at).to_std().ok();
+                    self.metrics.finished(status, latency);
+                }
+                _ => self.metrics.finished(status, None),
             }
             Ok(())
         }
         .instrument(span)
         .await
+    }
+
+    /// Waits for an HTTP slot and makes the request, or refuses it: a row that cannot be
+    /// used or a blocked destination is a failed attempt too. `None` when the webhook was
+    /// deleted meanwhile.
+    async fn send(
+        &self,
+        mut job: Job,
+    ) -> Result<Option<(Job, DateTime<Utc>, AttemptResult)>, Failure> {
+        let waiting = Instant::now();
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        if waiting.elapsed() > STALE_ROW {
+            match self
+                .db("reading the webhook", || self.store.webhook(job.webhook.id))
+                .await?
+            {
+                Some(row) => job.webhook = row,
+                None => return Ok(None),
+            }
+        }
+        let started_at = Utc::now();
+        let target = job.webhook.target().and_then(|target| {
+            if !self.config.allow_private_ips {
+                destination::check_url(&target.url)
+                    .map_err(|blocked| (ErrorType::BlockedDestination, blocked.to_string()))?;
+            }
+            Ok(target)
+        });
+        let result = match target {
+            Err((error_type, message)) => AttemptResult::failed(error_type, message),
+            Ok(target) => {
+                let event = &job.event;
+                let body = http::body(&event.event_type, event.occurred_at, &event.data);
+                let event_id = event.id.to_string();
+                let trace = event.trace();
+                let msg = http::Message {
+                    event_id: &event_id,
+                    body: &body,
+                    trace: &trace,
+                };
+                let _counted = self.metrics.in_flight();
+                http::send(&self.http, &target, &msg, self.config.delivery_timeout).await
+            }
+        };
+        Ok(Some((job, started_at, result)))
     }
 
     /// Publishes the retry of a `failed` delivery again, for when the message that should
@@ -298,6 +327,15 @@ impl Pipeline {
         Ok(())
     }
 
+    fn should_report_outage(&self) -> bool {
+        let mut last = self.outage_reported.lock().expect("never poisoned");
+        let due = last.is_none_or(|at| at.elapsed() >= OUTAGE_REPORT_EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
+
     /// Runs a database step, waiting out outages: a transient error is retried with
     /// backoff for as long as it takes (the message stays unacknowledged meanwhile, which
     /// also stops the broker from sending more than the prefetch). Any other error means
@@ -312,7 +350,11 @@ impl Pipeline {
             match op().await {
                 Ok(value) => return Ok(value),
                 Err(e) if crate::store::is_transient(&e) => {
-                    warn!(error = %e, "{what}: Postgres unavailable, retrying in {delay:?}");
+                    if self.should_report_outage() {
+                        warn!(error = %e, "{what}: Postgres unavailable; messages wait unacknowledged and retry");
+                    } else {
+                        debug!(error = %e, "{what}: Postgres unavailable, retrying in {delay:?}");
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -327,11 +369,7 @@ impl Pipeline {
 }
 
 fn log_attempt(result: &AttemptResult, outcome: Outcome, recorded: Recorded) {
-    let Recorded::Status {
-        status,
-        webhook_disabled,
-    } = recorded
-    else {
+    let Recorded::Status { status, stopped } = recorded else {
         debug!("attempt already recorded by another process");
         return;
     };
@@ -352,12 +390,21 @@ fn log_attempt(result: &AttemptResult, outcome: Outcome, recorded: Recorded) {
             "attempt failed"
         );
     }
-    if webhook_disabled {
+    if stopped.is_some() {
         warn!(
             error_type = result.error_type().map(|t| t.as_str()),
             "webhook disabled"
         );
     }
+}
+
+/// Whether a message is the worker's own retry message rather than a producer's event.
+pub fn is_retry(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .kind()
+        .as_ref()
+        .is_some_and(|k| k.as_str() == RETRY_KIND)
 }
 
 /// The id used in logs for a message that is not a valid event.

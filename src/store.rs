@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
@@ -59,6 +59,8 @@ pub struct StoredEvent {
     pub id: Uuid,
     pub event_type: String,
     pub occurred_at: DateTime<Utc>,
+    /// When a worker first took the event from the queue.
+    pub received_at: DateTime<Utc>,
     pub data: String,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
@@ -112,7 +114,9 @@ pub struct DisablePolicy {
 pub enum Recorded {
     Status {
         status: DeliveryStatus,
-        webhook_disabled: bool,
+        /// When this attempt disabled the webhook: how many of its other deliveries it
+        /// stopped (`pending` or `failed` ones, now `disabled`).
+        stopped: Option<u64>,
     },
     /// Another process recorded this attempt first, or the delivery was deleted.
     Superseded,
@@ -133,7 +137,8 @@ macro_rules! webhook_columns {
 /// The columns of a [`StoredEvent`] from `control_plane.events e`.
 macro_rules! event_columns {
     () => {
-        "e.id AS event_id, e.event_type, e.occurred_at, e.data::text AS data, e.traceparent, e.tracestate"
+        "e.id AS event_id, e.event_type, e.occurred_at, e.received_at, e.data::text AS data, \
+         e.traceparent, e.tracestate"
     };
 }
 
@@ -189,11 +194,13 @@ impl Store {
     /// Stores a new event and creates one `delivering` delivery per matching webhook, in one
     /// transaction. `None` when the id is already stored: nothing is written.
     pub async fn store_event(&self, event: &Event) -> Result<Option<Vec<Job>>, sqlx::Error> {
+        let received_at = Utc::now().trunc_subsecs(6);
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO control_plane.events \
-               (id, project_id, event_type, data, occurred_at, traceparent, tracestate) \
-             VALUES ($1, $2, $3, $4::json, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+               (id, project_id, event_type, data, occurred_at, traceparent, tracestate, \
+                received_at) \
+             VALUES ($1, $2, $3, $4::json, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
         )
         .bind(event.id)
         .bind(&event.project_id)
@@ -202,6 +209,7 @@ impl Store {
         .bind(event.occurred_at)
         .bind(&event.trace.traceparent)
         .bind(&event.trace.tracestate)
+        .bind(received_at)
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -234,6 +242,7 @@ impl Store {
             id: event.id,
             event_type: event.event_type.clone(),
             occurred_at: event.occurred_at,
+            received_at,
             data: event.data.get().to_string(),
             traceparent: event.trace.traceparent.clone(),
             tracestate: event.trace.tracestate.clone(),
@@ -399,8 +408,7 @@ impl Store {
             Err(e) => return Err(e),
         }
 
-        let webhook_disabled =
-            update_webhook(&mut tx, job, started_at, result, outcome, policy).await?;
+        let stopped = update_webhook(&mut tx, job, started_at, result, outcome, policy).await?;
 
         let (status, next_retry_at) = match outcome {
             Outcome::Delivered => (DeliveryStatus::Delivered, None),
@@ -442,13 +450,14 @@ impl Store {
         tx.commit().await?;
         Ok(Recorded::Status {
             status: DeliveryStatus::parse(&final_status).unwrap_or(status),
-            webhook_disabled,
+            stopped,
         })
     }
 }
 
 /// Counts the attempt on the webhook unless the webhook's disabled state changed after the
-/// attempt started, and disables it when the policy says so. Returns whether it disabled it.
+/// attempt started, and disables it when the policy says so. Returns, when it disabled it,
+/// how many other deliveries it stopped.
 async fn update_webhook(
     tx: &mut Transaction<'_, Postgres>,
     job: &Job,
@@ -456,7 +465,7 @@ async fn update_webhook(
     result: &AttemptResult,
     outcome: Outcome,
     policy: DisablePolicy,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Option<u64>, sqlx::Error> {
     let ok = result.succeeded();
     let counted: Option<(i32, Option<f64>)> = sqlx::query_as(
         "UPDATE control_plane.webhooks SET \
@@ -474,7 +483,7 @@ async fn update_webhook(
     .fetch_optional(&mut **tx)
     .await?;
     let Some((failures, failing_secs)) = counted else {
-        return Ok(false);
+        return Ok(None);
     };
     let failing_for = Duration::from_secs_f64(failing_secs.unwrap_or(0.0).max(0.0));
     let reason = if outcome == Outcome::Gone {
@@ -496,7 +505,7 @@ async fn update_webhook(
         None
     };
     let Some(reason) = reason else {
-        return Ok(false);
+        return Ok(None);
     };
     sqlx::query(
         "UPDATE control_plane.webhooks SET disabled = true, disabled_at = now(), \
@@ -506,7 +515,7 @@ async fn update_webhook(
     .bind(&reason)
     .execute(&mut **tx)
     .await?;
-    sqlx::query(
+    let stopped = sqlx::query(
         "UPDATE control_plane.webhook_deliveries SET status = 'disabled', next_retry_at = NULL, \
            error_type = 'WEBHOOK_DISABLED', error_message = $2, updated_at = now() \
          WHERE webhook_id = $1 AND status IN ('pending', 'failed')",
@@ -514,8 +523,9 @@ async fn update_webhook(
     .bind(job.webhook.id)
     .bind(format!("webhook disabled: {reason}"))
     .execute(&mut **tx)
-    .await?;
-    Ok(true)
+    .await?
+    .rows_affected();
+    Ok(Some(stopped))
 }
 
 fn jobs(rows: Vec<(Uuid, WebhookRow)>, attempt: u32, event: Arc<StoredEvent>) -> Vec<Job> {

@@ -23,7 +23,8 @@ use tracing::{error, info, warn};
 use crate::amqp::{self, Publisher, with_header};
 use crate::config::{Config, redact_url};
 use crate::health::{self, Readiness};
-use crate::pipeline::{Disposition, Pipeline, message_ref};
+use crate::metrics::Metrics;
+use crate::pipeline::{Disposition, Pipeline, is_retry, message_ref};
 use crate::store::Store;
 use crate::{http, topology};
 
@@ -59,7 +60,12 @@ impl Worker {
             .await
             .with_context(|| format!("binding HTTP_ADDR {}", config.http_addr))?;
         Ok(Worker {
-            pipeline: Arc::new(Pipeline::new(Arc::new(config), store, http)),
+            pipeline: Arc::new(Pipeline::new(
+                Arc::new(config),
+                store,
+                http,
+                Arc::new(Metrics::new()),
+            )),
             readiness: Readiness::default(),
             listener,
         })
@@ -79,6 +85,7 @@ impl Worker {
             self.listener,
             self.readiness.clone(),
             self.pipeline.store.clone(),
+            self.pipeline.metrics.clone(),
             shutdown.clone(),
         ));
         let config = self.pipeline.config.clone();
@@ -226,8 +233,20 @@ async fn settle(pipeline: &Pipeline, publisher: &Publisher, delivery: Delivery) 
             Disposition::Requeue(format!("processing panicked: {what}"))
         }
     });
+    let kind = if is_retry(&delivery) {
+        "retry"
+    } else {
+        "event"
+    };
+    let outcome = match &disposition {
+        Disposition::Ack => "acked",
+        Disposition::Duplicate => "duplicate",
+        Disposition::DeadLetter(_) => "dead_lettered",
+        Disposition::Requeue(_) => "requeued",
+    };
+    pipeline.metrics.consumed(kind, outcome);
     let settled = match disposition {
-        Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Disposition::Ack | Disposition::Duplicate => delivery.ack(BasicAckOptions::default()).await,
         Disposition::DeadLetter(reason) => {
             warn!(message = %message_ref(&delivery), %reason, "message moved to {}", topology::DEAD_QUEUE);
             match dead_letter(publisher, &delivery, &reason).await {

@@ -6,6 +6,7 @@ mod harness;
 mod crash;
 mod delivery;
 mod events;
+mod metrics;
 mod process;
 mod receivers;
 mod retries;
