@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::amqp::{PublishError, Publisher};
@@ -62,6 +63,15 @@ impl From<Failure> for Disposition {
     }
 }
 
+/// What the handlers of one RabbitMQ session share: its confirmed publisher, and a token
+/// cancelled when the session is lost, so that no new request starts for a message the
+/// broker is already handing to another process.
+#[derive(Clone)]
+pub struct Session {
+    pub publisher: Publisher,
+    pub lost: CancellationToken,
+}
+
 /// What every message handler shares within one process.
 pub struct Pipeline {
     pub config: Arc<Config>,
@@ -78,6 +88,10 @@ pub struct Pipeline {
 /// Re-read the webhook row when an attempt waited this long for capacity, so that no
 /// attempt uses a row older than CONTRACT §2 allows.
 const STALE_ROW: Duration = Duration::from_secs(1);
+
+/// How much longer than `DELIVERY_TIMEOUT` an attempt under way elsewhere gets to be
+/// recorded before a redelivered message takes it over.
+const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
 
 /// At most one warning per this interval while Postgres is unreachable.
 const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(5);
@@ -108,11 +122,11 @@ impl Pipeline {
     }
 
     /// Handles one message from the work queue: a retry message or a producer's event.
-    pub async fn handle(&self, delivery: &Delivery, publisher: &Publisher) -> Disposition {
+    pub async fn handle(&self, delivery: &Delivery, session: &Session) -> Disposition {
         let result = if is_retry(delivery) {
-            self.handle_retry(delivery, publisher).await
+            self.handle_retry(delivery, session).await
         } else {
-            self.handle_event(delivery, publisher).await
+            self.handle_event(delivery, session).await
         };
         result.unwrap_or_else(Disposition::from)
     }
@@ -120,7 +134,7 @@ impl Pipeline {
     async fn handle_event(
         &self,
         delivery: &Delivery,
-        publisher: &Publisher,
+        session: &Session,
     ) -> Result<Disposition, Failure> {
         let headers = delivery.properties.headers().as_ref();
         let trace = TraceContext::new(
@@ -140,6 +154,14 @@ impl Pipeline {
                 Some(jobs) => (jobs, Vec::new()),
                 None if delivery.redelivered => {
                     debug!("event delivered again; resuming its unfinished deliveries");
+                    let in_progress = self
+                        .db("reading the event's deliveries", || {
+                            self.store.first_attempts_in_progress(event.id)
+                        })
+                        .await?;
+                    if in_progress > 0 {
+                        self.takeover_grace(session).await?;
+                    }
                     self.db("resuming the event", || self.store.resume_event(event.id))
                         .await?
                 }
@@ -150,9 +172,9 @@ impl Pipeline {
             };
             debug!(deliveries = jobs.len(), "fanned out");
             for retry in &retries {
-                self.reschedule(retry, &event.trace, publisher).await?;
+                self.reschedule(retry, &event.trace, session).await?;
             }
-            let results = join_all(jobs.into_iter().map(|job| self.attempt(job, publisher))).await;
+            let results = join_all(jobs.into_iter().map(|job| self.attempt(job, session))).await;
             results.into_iter().collect::<Result<Vec<()>, Failure>>()?;
             Ok(Disposition::Ack)
         }
@@ -163,20 +185,31 @@ impl Pipeline {
     async fn handle_retry(
         &self,
         delivery: &Delivery,
-        publisher: &Publisher,
+        session: &Session,
     ) -> Result<Disposition, Failure> {
         let task = match RetryTask::parse(&delivery.data) {
             Ok(task) => task,
             Err(reason) => return Ok(Disposition::DeadLetter(reason)),
         };
-        let claim = self
-            .db("claiming a retry", || {
-                self.store
-                    .claim(task.delivery_id, task.attempt, delivery.redelivered)
+        let claim_it = |take_over| {
+            self.db("claiming a retry", move || {
+                self.store.claim(task.delivery_id, task.attempt, take_over)
             })
-            .await?;
+        };
+        let mut claim = claim_it(false).await?;
+        if let Err(NoClaim::State {
+            status: DeliveryStatus::Delivering,
+            attempts,
+            ..
+        }) = claim
+            && delivery.redelivered
+            && attempts + 1 == task.attempt
+        {
+            self.takeover_grace(session).await?;
+            claim = claim_it(true).await?;
+        }
         match claim {
-            Ok(job) => self.attempt(job, publisher).await?,
+            Ok(job) => self.attempt(job, session).await?,
             // This message made attempt N and then lost track (the broker gave it again):
             // the retry it scheduled may not exist, so schedule it again. A duplicate of it
             // is harmless, the claim lets one of them through.
@@ -190,7 +223,7 @@ impl Pipeline {
                     attempt: attempts + 1,
                     next_retry_at,
                 };
-                self.reschedule(&retry, &TraceContext::default(), publisher)
+                self.reschedule(&retry, &TraceContext::default(), session)
                     .await?;
             }
             Err(state) => {
@@ -203,11 +236,11 @@ impl Pipeline {
 
     /// One attempt of a claimed delivery, from request to recorded outcome and scheduled
     /// retry.
-    async fn attempt(&self, job: Job, publisher: &Publisher) -> Result<(), Failure> {
+    async fn attempt(&self, job: Job, session: &Session) -> Result<(), Failure> {
         let span = info_span!("attempt", delivery_id = %job.delivery_id,
             webhook_id = %job.webhook.id, attempt = job.attempt);
         async {
-            let Some((job, started_at, result)) = self.send(job).await? else {
+            let Some((job, started_at, result)) = self.send(job, session).await? else {
                 return Ok(()); // the webhook was deleted, and its deliveries with it
             };
             self.metrics.attempt(result.error_type(), result.duration);
@@ -233,7 +266,8 @@ impl Pipeline {
                     let task = RetryTask::new(job.delivery_id, job.attempt + 1);
                     let properties = task.properties(&job.event.trace());
                     let queue = topology::retry_queue(after);
-                    publisher
+                    session
+                        .publisher
                         .publish("", &queue, &task.to_bytes(), properties)
                         .await?;
                     self.metrics.retry_scheduled(after);
@@ -256,13 +290,17 @@ impl Pipeline {
     async fn send(
         &self,
         mut job: Job,
+        session: &Session,
     ) -> Result<Option<(Job, DateTime<Utc>, AttemptResult)>, Failure> {
         let waiting = Instant::now();
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        // A session lost meanwhile: the broker is giving this message to another process,
+        // so no request may start for it here.
+        let _permit = tokio::select! {
+            permit = self.in_flight.acquire() => permit.expect("the semaphore is never closed"),
+            _ = session.lost.cancelled() => {
+                return Err(Failure::Unavailable("the RabbitMQ session was lost".into()));
+            }
+        };
         if waiting.elapsed() > STALE_ROW {
             match self
                 .db("reading the webhook", || self.store.webhook(job.webhook.id))
@@ -306,7 +344,7 @@ impl Pipeline {
         &self,
         retry: &ScheduledRetry,
         trace: &TraceContext,
-        publisher: &Publisher,
+        session: &Session,
     ) -> Result<(), Failure> {
         let remaining = retry
             .next_retry_at
@@ -321,10 +359,28 @@ impl Pipeline {
             }),
         };
         let task = RetryTask::new(retry.delivery_id, retry.attempt);
-        publisher
+        session
+            .publisher
             .publish("", &queue, &task.to_bytes(), task.properties(trace))
             .await?;
         Ok(())
+    }
+
+    /// A message the broker delivered again finds an attempt under way: its process may
+    /// have lost only its connection and still be sending. Give that attempt time to end and
+    /// be recorded before taking it over, so a lost connection alone causes no duplicate.
+    async fn takeover_grace(&self, session: &Session) -> Result<(), Failure> {
+        let grace = self.config.delivery_timeout + TAKEOVER_MARGIN;
+        debug!(
+            ?grace,
+            "an attempt is under way elsewhere; waiting before taking it over"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => Ok(()),
+            _ = session.lost.cancelled() => {
+                Err(Failure::Unavailable("the RabbitMQ session was lost".into()))
+            }
+        }
     }
 
     fn should_report_outage(&self) -> bool {

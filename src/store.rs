@@ -301,14 +301,25 @@ impl Store {
         Ok((jobs(rows, 1, Arc::new(event)), retries))
     }
 
+    /// How many deliveries of an event are `delivering` their first attempt.
+    pub async fn first_attempts_in_progress(&self, event_id: Uuid) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM control_plane.webhook_deliveries \
+             WHERE event_id = $1 AND attempts = 0 AND status = 'delivering'",
+        )
+        .bind(event_id)
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// Claims attempt `attempt` of a delivery: it must be `pending` or `failed` with
-    /// `attempt - 1` attempts recorded. A message the broker redelivered may also take over
-    /// a `delivering` one, whose process died before recording the attempt.
+    /// `attempt - 1` attempts recorded. With `take_over`, a `delivering` one too: the
+    /// process making that attempt died (or lost its connection and had its grace).
     pub async fn claim(
         &self,
         delivery_id: Uuid,
         attempt: u32,
-        redelivered: bool,
+        take_over: bool,
     ) -> Result<Result<Job, NoClaim>, sqlx::Error> {
         let row = sqlx::query_as::<_, ClaimRow>(concat!(
             "WITH claimed AS ( \
@@ -326,7 +337,7 @@ impl Store {
         ))
         .bind(delivery_id)
         .bind(attempt as i32)
-        .bind(redelivered)
+        .bind(take_over)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = row {

@@ -24,7 +24,7 @@ use crate::amqp::{self, Publisher, with_header};
 use crate::config::{Config, redact_url};
 use crate::health::{self, Readiness};
 use crate::metrics::Metrics;
-use crate::pipeline::{Disposition, Pipeline, is_retry, message_ref};
+use crate::pipeline::{Disposition, Pipeline, Session, is_retry, message_ref};
 use crate::store::Store;
 use crate::{http, topology};
 
@@ -130,7 +130,10 @@ async fn session(
             true => SessionEnd::Fatal(e.into()),
             false => SessionEnd::Lost(e.to_string()),
         })?;
-    let publisher = Publisher::open(&conn).await?;
+    let session_state = Session {
+        publisher: Publisher::open(&conn).await?,
+        lost: CancellationToken::new(),
+    };
     let channel = conn.create_channel().await?;
     // Enough unacknowledged messages to keep every HTTP slot busy while some events wait
     // on slow receivers; more would only hold work another process could do.
@@ -163,8 +166,8 @@ async fn session(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let (pipeline, publisher) = (pipeline.clone(), publisher.clone());
-                    tasks.spawn(async move { settle(&pipeline, &publisher, delivery).await });
+                    let (pipeline, session) = (pipeline.clone(), session_state.clone());
+                    tasks.spawn(async move { settle(&pipeline, &session, delivery).await });
                 }
                 Some(Err(e)) => break Err(SessionEnd::Lost(e.to_string())),
                 None => break Err(SessionEnd::Lost("the broker cancelled the consumer".into())),
@@ -183,9 +186,11 @@ async fn session(
                 .await;
             config.shutdown_timeout
         }
-        // Let in-flight attempts record their outcome before another session could be handed
-        // the same messages again.
-        Err(_) => config.delivery_timeout + Duration::from_secs(5),
+        // Start no new request, and let those under way record their outcome.
+        Err(_) => {
+            session_state.lost.cancel();
+            config.delivery_timeout + Duration::from_secs(5)
+        }
     };
     drain(&mut tasks, drain_for).await;
     let _ = conn.close(200, "webhook-worker stopping".into()).await;
@@ -209,8 +214,8 @@ const MAX_PANICS: i64 = 3;
 
 /// Handles a message and settles it with the broker as the pipeline decided. A panic is
 /// a bug, but it must not lose the message nor loop on it forever.
-async fn settle(pipeline: &Pipeline, publisher: &Publisher, delivery: Delivery) {
-    let handled = AssertUnwindSafe(pipeline.handle(&delivery, publisher))
+async fn settle(pipeline: &Pipeline, session: &Session, delivery: Delivery) {
+    let handled = AssertUnwindSafe(pipeline.handle(&delivery, session))
         .catch_unwind()
         .await;
     let disposition = handled.unwrap_or_else(|panic| {
@@ -249,7 +254,7 @@ async fn settle(pipeline: &Pipeline, publisher: &Publisher, delivery: Delivery) 
         Disposition::Ack | Disposition::Duplicate => delivery.ack(BasicAckOptions::default()).await,
         Disposition::DeadLetter(reason) => {
             warn!(message = %message_ref(&delivery), %reason, "message moved to {}", topology::DEAD_QUEUE);
-            match dead_letter(publisher, &delivery, &reason).await {
+            match dead_letter(&session.publisher, &delivery, &reason).await {
                 Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                 Err(e) => {
                     error!(error = %e, "could not dead-letter the message; it will be redelivered");

@@ -9,6 +9,10 @@ use crate::harness::{Receiver, Reply, TestEnv, WebhookSpec, WorkerProcess, event
 
 const EVENTS: usize = 300;
 
+/// A redelivered attempt is taken over DELIVERY_TIMEOUT + 5 s after it was handed out:
+/// keep that short.
+const FAST: &[(&str, &str)] = &[("DELIVERY_TIMEOUT", "2s")];
+
 #[tokio::test]
 async fn sigkill_under_load_loses_nothing() {
     let env = TestEnv::new().await;
@@ -18,8 +22,8 @@ async fn sigkill_under_load_loses_nothing() {
         .add_webhook(WebhookSpec::new("p", "t", &rx.url("hook", vec![slow])))
         .await;
     env.declare_topology().await;
-    let survivor = WorkerProcess::spawn(&env, &[]);
-    let mut victim = Some(WorkerProcess::spawn(&env, &[]));
+    let survivor = WorkerProcess::spawn(&env, FAST);
+    let mut victim = Some(WorkerProcess::spawn(&env, FAST));
 
     let mut ids = Vec::new();
     for i in 0..EVENTS {
@@ -33,7 +37,7 @@ async fn sigkill_under_load_loses_nothing() {
             assert_eq!(victim.wait().await, None, "killed by the signal");
         }
     }
-    let restarted = WorkerProcess::spawn(&env, &[]);
+    let restarted = WorkerProcess::spawn(&env, FAST);
 
     for id in &ids {
         env.wait_for_status(hook, *id, &["delivered"], Duration::from_secs(60))

@@ -177,3 +177,113 @@ async fn a_malformed_retry_message_is_dead_lettered() {
     );
     worker.stop().await.unwrap();
 }
+
+/// A retry message the broker delivers again (its consumer's connection closed) finds its
+/// attempt still marked under way: the worker waits DELIVERY_TIMEOUT + 5 s before taking
+/// it over, and takes nothing over that was recorded meanwhile.
+#[tokio::test]
+async fn a_redelivered_retry_waits_for_the_attempt_under_way() {
+    use futures_util::StreamExt;
+
+    let env = TestEnv::new().await;
+    let rx = crate::harness::Receiver::start().await;
+    env.declare_topology().await;
+    let event_id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO control_plane.events (id, project_id, event_type, data, occurred_at) \
+         VALUES ($1, 'p', 't', '{}', now())",
+    )
+    .bind(event_id)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    // Two deliveries whose second attempt another process claimed and is making.
+    let mut deliveries = Vec::new();
+    for path in ["abandoned", "finished"] {
+        let url = rx.url(path, vec![Reply::Status(200)]);
+        let hook = env
+            .add_webhook(crate::harness::WebhookSpec::new("p", "t", &url))
+            .await;
+        let delivery: uuid::Uuid = sqlx::query_scalar(
+            "INSERT INTO control_plane.webhook_deliveries \
+               (webhook_id, event_id, project_id, event_type, status, attempts) \
+             VALUES ($1, $2, 'p', 't', 'delivering', 1) RETURNING id",
+        )
+        .bind(hook)
+        .bind(event_id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        let task = RetryTask::new(delivery, 2);
+        env.publish_raw(
+            "",
+            topology::WORK_QUEUE,
+            &task.to_bytes(),
+            task.properties(&Default::default()),
+        )
+        .await;
+        deliveries.push((hook, delivery));
+    }
+    // That process's consumer takes both messages, then its connection drops.
+    let conn = lapin::Connection::connect(&env.amqp_url, Default::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            topology::WORK_QUEUE.into(),
+            "gone".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        consumer.next().await.unwrap().unwrap();
+    }
+    conn.close(320, "connection lost".into()).await.unwrap();
+
+    let started = std::time::Instant::now();
+    let worker = env.start_worker(&["--delivery-timeout", "1s"]).await;
+    // Meanwhile the other process records the attempt it was making for one of them.
+    let (_, finished) = deliveries[1];
+    sqlx::query(
+        "INSERT INTO control_plane.webhook_delivery_attempts \
+           (delivery_id, webhook_id, attempt_number, started_at, duration_ms, http_status_code, succeeded) \
+         SELECT id, webhook_id, 2, now(), 5, 200, true FROM control_plane.webhook_deliveries WHERE id = $1",
+    )
+    .bind(finished)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE control_plane.webhook_deliveries SET status = 'delivered', attempts = 2 WHERE id = $1",
+    )
+    .bind(finished)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    let (abandoned_hook, _) = deliveries[0];
+    let d = env
+        .wait_for_status(
+            abandoned_hook,
+            event_id,
+            &["delivered"],
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "taken over after {:?}, before its grace ran out",
+        started.elapsed()
+    );
+    assert_eq!(d.attempts, 2);
+    assert_eq!(rx.seen("abandoned").len(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        rx.seen("finished").is_empty(),
+        "the recorded attempt was made again"
+    );
+    worker.stop().await.unwrap();
+}
