@@ -13,6 +13,7 @@ use lapin::message::Delivery;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
+use uuid::Uuid;
 
 use crate::amqp::{PublishError, Publisher};
 use crate::config::Config;
@@ -64,12 +65,12 @@ impl From<Failure> for Disposition {
 }
 
 /// What the handlers of one RabbitMQ session share: its confirmed publisher, and a token
-/// cancelled when the session is lost, so that no new request starts for a message the
-/// broker is already handing to another process.
+/// cancelled when the session ends (lost, or stopping on SIGTERM), so that no new request
+/// starts for a message the broker will hand to another process.
 #[derive(Clone)]
 pub struct Session {
     pub publisher: Publisher,
-    pub lost: CancellationToken,
+    pub closing: CancellationToken,
 }
 
 /// What every message handler shares within one process.
@@ -88,6 +89,9 @@ pub struct Pipeline {
 /// Re-read the webhook row when an attempt waited this long for capacity, so that no
 /// attempt uses a row older than CONTRACT §2 allows.
 const STALE_ROW: Duration = Duration::from_secs(1);
+
+/// Tries of a retry message's publish the broker refuses on a live channel.
+const PUBLISH_TRIES: u32 = 5;
 
 /// How much longer than `DELIVERY_TIMEOUT` an attempt under way elsewhere gets to be
 /// recorded before a redelivered message takes it over.
@@ -147,12 +151,13 @@ impl Pipeline {
         };
         let span = info_span!("event", event_id = %event.id, event_type = %event.event_type);
         async {
-            let (jobs, retries) = match self
-                .db("storing the event", || self.store.store_event(&event))
-                .await?
-            {
+            let (stored, retried) = self
+                .db_retried("storing the event", || self.store.store_event(&event))
+                .await?;
+            let (jobs, retries) = match stored {
                 Some(jobs) => (jobs, Vec::new()),
-                None if delivery.redelivered => {
+                // Delivered again, or stored by our own first try whose answer was lost.
+                None if delivery.redelivered || retried => {
                     debug!("event delivered again; resuming its unfinished deliveries");
                     let in_progress = self
                         .db("reading the event's deliveries", || {
@@ -192,21 +197,21 @@ impl Pipeline {
             Err(reason) => return Ok(Disposition::DeadLetter(reason)),
         };
         let claim_it = |take_over| {
-            self.db("claiming a retry", move || {
+            self.db_retried("claiming a retry", move || {
                 self.store.claim(task.delivery_id, task.attempt, take_over)
             })
         };
-        let mut claim = claim_it(false).await?;
+        let (mut claim, retried) = claim_it(false).await?;
         if let Err(NoClaim::State {
             status: DeliveryStatus::Delivering,
             attempts,
             ..
         }) = claim
-            && delivery.redelivered
+            && (delivery.redelivered || retried)
             && attempts + 1 == task.attempt
         {
             self.takeover_grace(session).await?;
-            claim = claim_it(true).await?;
+            claim = claim_it(true).await?.0;
         }
         match claim {
             Ok(job) => self.attempt(job, session).await?,
@@ -241,18 +246,28 @@ impl Pipeline {
             webhook_id = %job.webhook.id, attempt = job.attempt);
         async {
             let Some((job, started_at, result)) = self.send(job, session).await? else {
-                return Ok(()); // the webhook was deleted, and its deliveries with it
+                return Ok(()); // no attempt: the webhook is gone or disabled
             };
             self.metrics.attempt(result.error_type(), result.duration);
             let outcome = decide(self.config.retry_schedule.delays(), job.attempt, &result);
-            let recorded = self
-                .db("recording the attempt", || {
+            let (recorded, retried) = self
+                .db_retried("recording the attempt", || {
                     self.store
                         .record(&job, started_at, &result, outcome, self.policy())
                 })
                 .await?;
             log_attempt(&result, outcome, recorded);
             let Recorded::Status { status, stopped } = recorded else {
+                if retried {
+                    // Perhaps our own first try committed: make sure its retry exists.
+                    self.ensure_next_attempt(
+                        job.delivery_id,
+                        job.attempt,
+                        &job.event.trace(),
+                        session,
+                    )
+                    .await?;
+                }
                 return Ok(());
             };
             if let Some(others) = stopped {
@@ -264,11 +279,8 @@ impl Pipeline {
             match (status, outcome) {
                 (DeliveryStatus::Failed, Outcome::Retry { after }) => {
                     let task = RetryTask::new(job.delivery_id, job.attempt + 1);
-                    let properties = task.properties(&job.event.trace());
                     let queue = topology::retry_queue(after);
-                    session
-                        .publisher
-                        .publish("", &queue, &task.to_bytes(), properties)
+                    self.publish_task(session, &queue, task, &job.event.trace())
                         .await?;
                     self.metrics.retry_scheduled(after);
                 }
@@ -285,8 +297,8 @@ impl Pipeline {
     }
 
     /// Waits for an HTTP slot and makes the request, or refuses it: a row that cannot be
-    /// used or a blocked destination is a failed attempt too. `None` when the webhook was
-    /// deleted meanwhile.
+    /// used or a blocked destination is a failed attempt too. `None`, with no attempt, when
+    /// the webhook was deleted (its deliveries with it) or is disabled (the delivery stops).
     async fn send(
         &self,
         mut job: Job,
@@ -296,10 +308,11 @@ impl Pipeline {
         // A session lost meanwhile: the broker is giving this message to another process,
         // so no request may start for it here.
         let _permit = tokio::select! {
-            permit = self.in_flight.acquire() => permit.expect("the semaphore is never closed"),
-            _ = session.lost.cancelled() => {
-                return Err(Failure::Unavailable("the RabbitMQ session was lost".into()));
+            biased;
+            _ = session.closing.cancelled() => {
+                return Err(Failure::Unavailable("the RabbitMQ session ended".into()));
             }
+            permit = self.in_flight.acquire() => permit.expect("the semaphore is never closed"),
         };
         if waiting.elapsed() > STALE_ROW {
             match self
@@ -309,6 +322,14 @@ impl Pipeline {
                 Some(row) => job.webhook = row,
                 None => return Ok(None),
             }
+        }
+        if job.webhook.disabled {
+            self.db("stopping the delivery", || {
+                self.store.stop_disabled(job.delivery_id)
+            })
+            .await?;
+            self.metrics.finished(DeliveryStatus::Disabled, None);
+            return Ok(None);
         }
         let started_at = Utc::now();
         let target = job.webhook.target().and_then(|target| {
@@ -337,6 +358,36 @@ impl Pipeline {
         Ok(Some((job, started_at, result)))
     }
 
+    /// If attempt `attempt` of the delivery is recorded as failed with a retry due, makes
+    /// sure that retry is scheduled (a duplicate retry message is harmless: the claim lets
+    /// one through).
+    async fn ensure_next_attempt(
+        &self,
+        delivery_id: Uuid,
+        attempt: u32,
+        trace: &TraceContext,
+        session: &Session,
+    ) -> Result<(), Failure> {
+        let state = self
+            .db("reading the delivery", || self.store.state(delivery_id))
+            .await?;
+        if let NoClaim::State {
+            status: DeliveryStatus::Failed,
+            attempts,
+            next_retry_at,
+        } = state
+            && attempts == attempt
+        {
+            let retry = ScheduledRetry {
+                delivery_id,
+                attempt: attempt + 1,
+                next_retry_at,
+            };
+            self.reschedule(&retry, trace, session).await?;
+        }
+        Ok(())
+    }
+
     /// Publishes the retry of a `failed` delivery again, for when the message that should
     /// have scheduled it may have been lost: into the delay queue that ends soonest after
     /// `next_retry_at`, or straight to the work queue when that time has passed.
@@ -359,9 +410,44 @@ impl Pipeline {
             }),
         };
         let task = RetryTask::new(retry.delivery_id, retry.attempt);
+        self.publish_task(session, &queue, task, trace).await
+    }
+
+    /// Publishes a retry message with a broker confirm. A refusal on a live channel (a
+    /// quorum queue electing a leader, say) is tried again a few times before the message
+    /// that caused it goes back to the queue.
+    async fn publish_task(
+        &self,
+        session: &Session,
+        queue: &str,
+        task: RetryTask,
+        trace: &TraceContext,
+    ) -> Result<(), Failure> {
+        let mut pause = Duration::from_millis(250);
+        for _ in 0..PUBLISH_TRIES - 1 {
+            let body = task.to_bytes();
+            match session
+                .publisher
+                .publish("", queue, &body, task.properties(trace))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(PublishError::Broker(e)) => return Err(PublishError::Broker(e).into()),
+                Err(e) => warn!(error = %e, "publishing a retry; trying again in {pause:?}"),
+            }
+            tokio::select! {
+                biased;
+                _ = session.closing.cancelled() => {
+                    return Err(Failure::Unavailable("the RabbitMQ session ended".into()));
+                }
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause *= 2;
+        }
+        let body = task.to_bytes();
         session
             .publisher
-            .publish("", &queue, &task.to_bytes(), task.properties(trace))
+            .publish("", queue, &body, task.properties(trace))
             .await?;
         Ok(())
     }
@@ -376,10 +462,11 @@ impl Pipeline {
             "an attempt is under way elsewhere; waiting before taking it over"
         );
         tokio::select! {
-            _ = tokio::time::sleep(grace) => Ok(()),
-            _ = session.lost.cancelled() => {
-                Err(Failure::Unavailable("the RabbitMQ session was lost".into()))
+            biased;
+            _ = session.closing.cancelled() => {
+                Err(Failure::Unavailable("the RabbitMQ session ended".into()))
             }
+            _ = tokio::time::sleep(grace) => Ok(()),
         }
     }
 
@@ -396,15 +483,27 @@ impl Pipeline {
     /// backoff for as long as it takes (the message stays unacknowledged meanwhile, which
     /// also stops the broker from sending more than the prefetch). Any other error means
     /// Postgres refuses this data.
-    async fn db<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Failure>
+    async fn db<T, F, Fut>(&self, what: &str, op: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        self.db_retried(what, op).await.map(|(value, _)| value)
+    }
+
+    /// [`Pipeline::db`], also telling whether the step was run again after a transient
+    /// error. Then its first run may have committed without the answer arriving: a step
+    /// that finds its own work done must not take it for someone else's.
+    async fn db_retried<T, F, Fut>(&self, what: &str, mut op: F) -> Result<(T, bool), Failure>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
         let mut delay = Duration::from_millis(100);
+        let mut retried = false;
         loop {
             match op().await {
-                Ok(value) => return Ok(value),
+                Ok(value) => return Ok((value, retried)),
                 Err(e) if crate::store::is_transient(&e) => {
                     if self.should_report_outage() {
                         warn!(error = %e, "{what}: Postgres unavailable; messages wait unacknowledged and retry");
@@ -413,6 +512,7 @@ impl Pipeline {
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
+                    retried = true;
                 }
                 Err(e) => {
                     return Err(Failure::Refused(format!(

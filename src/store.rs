@@ -130,7 +130,8 @@ pub struct Store {
 /// The columns of a [`WebhookRow`] from `control_plane.webhooks w`.
 macro_rules! webhook_columns {
     () => {
-        "w.id AS webhook_id, w.url, w.http_method, w.headers, w.secret"
+        "w.id AS webhook_id, w.url, w.http_method, w.headers, w.secret, w.disabled, \
+         w.disabled_changed_at"
     };
 }
 
@@ -348,6 +349,11 @@ impl Store {
                 event: Arc::new(row.event),
             }));
         }
+        Ok(Err(self.state(delivery_id).await?))
+    }
+
+    /// Where a delivery stands, for a message that could not claim it.
+    pub async fn state(&self, delivery_id: Uuid) -> Result<NoClaim, sqlx::Error> {
         let state = sqlx::query_as::<_, (String, i32, Option<DateTime<Utc>>)>(
             "SELECT status, attempts, next_retry_at FROM control_plane.webhook_deliveries \
              WHERE id = $1",
@@ -355,14 +361,30 @@ impl Store {
         .bind(delivery_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(Err(match state {
+        Ok(match state {
             None => NoClaim::Missing,
             Some((status, attempts, next_retry_at)) => NoClaim::State {
                 status: DeliveryStatus::parse(&status).unwrap_or(DeliveryStatus::Delivering),
                 attempts: attempts.max(0) as u32,
                 next_retry_at,
             },
-        }))
+        })
+    }
+
+    /// Stops a claimed delivery whose webhook turned out to be disabled, without an attempt.
+    pub async fn stop_disabled(&self, delivery_id: Uuid) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE control_plane.webhook_deliveries d SET status = 'disabled', \
+               next_retry_at = NULL, error_type = 'WEBHOOK_DISABLED', \
+               error_message = 'webhook disabled: ' || coalesce(w.disabled_reason, 'by an operator'), \
+               updated_at = now() \
+             FROM control_plane.webhooks w \
+             WHERE d.id = $1 AND w.id = d.webhook_id AND d.status = 'delivering'",
+        )
+        .bind(delivery_id)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
     }
 
     /// Reads the webhook row again, for an attempt that waited for capacity: every attempt
@@ -419,7 +441,7 @@ impl Store {
             Err(e) => return Err(e),
         }
 
-        let stopped = update_webhook(&mut tx, job, started_at, result, outcome, policy).await?;
+        let stopped = update_webhook(&mut tx, job, result, outcome, policy).await?;
 
         let (status, next_retry_at) = match outcome {
             Outcome::Delivered => (DeliveryStatus::Delivered, None),
@@ -466,13 +488,12 @@ impl Store {
     }
 }
 
-/// Counts the attempt on the webhook unless the webhook's disabled state changed after the
-/// attempt started, and disables it when the policy says so. Returns, when it disabled it,
+/// Counts the attempt on the webhook unless the webhook was disabled or re-enabled since
+/// the row the attempt used was read, and disables it when the policy says so. Returns, when it disabled it,
 /// how many other deliveries it stopped.
 async fn update_webhook(
     tx: &mut Transaction<'_, Postgres>,
     job: &Job,
-    started_at: DateTime<Utc>,
     result: &AttemptResult,
     outcome: Outcome,
     policy: DisablePolicy,
@@ -484,13 +505,13 @@ async fn update_webhook(
            failing_since = CASE WHEN $2 THEN NULL ELSE COALESCE(failing_since, now()) END, \
            last_delivery_at = CASE WHEN $2 THEN now() ELSE last_delivery_at END, \
            last_failure_at = CASE WHEN $2 THEN last_failure_at ELSE now() END \
-         WHERE id = $1 AND NOT disabled AND disabled_changed_at <= $3 \
+         WHERE id = $1 AND NOT disabled AND disabled_changed_at = $3 \
          RETURNING consecutive_failures, \
            EXTRACT(EPOCH FROM now() - failing_since)::float8",
     )
     .bind(job.webhook.id)
     .bind(ok)
-    .bind(started_at)
+    .bind(job.webhook.disabled_changed_at)
     .fetch_optional(&mut **tx)
     .await?;
     let Some((failures, failing_secs)) = counted else {
@@ -518,6 +539,14 @@ async fn update_webhook(
     let Some(reason) = reason else {
         return Ok(None);
     };
+    let stopped: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM control_plane.webhook_deliveries \
+         WHERE webhook_id = $1 AND status IN ('pending', 'failed')",
+    )
+    .bind(job.webhook.id)
+    .fetch_one(&mut **tx)
+    .await?;
+    // The trigger stops those deliveries in this same transaction.
     sqlx::query(
         "UPDATE control_plane.webhooks SET disabled = true, disabled_at = now(), \
            disabled_reason = $2 WHERE id = $1",
@@ -526,17 +555,7 @@ async fn update_webhook(
     .bind(&reason)
     .execute(&mut **tx)
     .await?;
-    let stopped = sqlx::query(
-        "UPDATE control_plane.webhook_deliveries SET status = 'disabled', next_retry_at = NULL, \
-           error_type = 'WEBHOOK_DISABLED', error_message = $2, updated_at = now() \
-         WHERE webhook_id = $1 AND status IN ('pending', 'failed')",
-    )
-    .bind(job.webhook.id)
-    .bind(format!("webhook disabled: {reason}"))
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(Some(stopped))
+    Ok(Some(stopped.max(0) as u64))
 }
 
 fn jobs(rows: Vec<(Uuid, WebhookRow)>, attempt: u32, event: Arc<StoredEvent>) -> Vec<Job> {

@@ -18,6 +18,10 @@ pub struct WebhookRow {
     pub http_method: String,
     pub headers: serde_json::Value,
     pub secret: Option<String>,
+    pub disabled: bool,
+    /// Which enabled/disabled state of the webhook this row shows: an attempt counts on
+    /// the webhook only if that state has not changed since (CONTRACT §3).
+    pub disabled_changed_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Where and how to send: a validated webhook.
@@ -127,6 +131,8 @@ mod tests {
             http_method: method.into(),
             headers,
             secret: secret.map(str::to_string),
+            disabled: false,
+            disabled_changed_at: chrono::Utc::now(),
         }
     }
 

@@ -132,7 +132,7 @@ async fn session(
         })?;
     let session_state = Session {
         publisher: Publisher::open(&conn).await?,
-        lost: CancellationToken::new(),
+        closing: CancellationToken::new(),
     };
     let channel = conn.create_channel().await?;
     // Enough unacknowledged messages to keep every HTTP slot busy while some events wait
@@ -175,6 +175,8 @@ async fn session(
         }
     };
     readiness.set(false);
+    // Messages not yet at their request go back to the broker; requests under way finish.
+    session_state.closing.cancel();
     let drain_for = match &end {
         Ok(()) => {
             info!(
@@ -186,11 +188,8 @@ async fn session(
                 .await;
             config.shutdown_timeout
         }
-        // Start no new request, and let those under way record their outcome.
-        Err(_) => {
-            session_state.lost.cancel();
-            config.delivery_timeout + Duration::from_secs(5)
-        }
+        // Let the requests under way record their outcome.
+        Err(_) => config.delivery_timeout + Duration::from_secs(5),
     };
     drain(&mut tasks, drain_for).await;
     let _ = conn.close(200, "webhook-worker stopping".into()).await;
@@ -209,8 +208,12 @@ async fn drain(tasks: &mut JoinSet<()>, limit: Duration) {
     }
 }
 
-/// Deliveries of one message whose processing panicked before the worker dead-letters it.
+/// Deliveries of one message whose processing panicked before the worker dead-letters it
+/// (quorum queues; classic queues only tell a first delivery from a later one).
 const MAX_PANICS: i64 = 3;
+
+/// The pause before a message is returned to the queue.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(2);
 
 /// Handles a message and settles it with the broker as the pipeline decided. A panic is
 /// a bug, but it must not lose the message nor loop on it forever.
@@ -224,13 +227,17 @@ async fn settle(pipeline: &Pipeline, session: &Session, delivery: Delivery) {
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        // Quorum queues count deliveries; classic ones only say "redelivered".
-        let deliveries =
-            topology::header_int(delivery.properties.headers().as_ref(), "x-delivery-count")
-                .map(|n| n + 1)
-                .unwrap_or(if delivery.redelivered { 2 } else { 1 });
+        // Quorum queues count deliveries; classic ones only say "redelivered", so there the
+        // second delivery is the last.
+        let headers = delivery.properties.headers().as_ref();
+        let count = topology::header_int(headers, "x-delivery-count");
+        let deliveries = count.map_or(if delivery.redelivered { 2 } else { 1 }, |n| n + 1);
+        let last = match count {
+            Some(_) => deliveries >= MAX_PANICS,
+            None => delivery.redelivered,
+        };
         error!(message = %message_ref(&delivery), panic = %what, deliveries, "processing panicked");
-        if deliveries >= MAX_PANICS {
+        if last {
             Disposition::DeadLetter(format!(
                 "processing panicked on {deliveries} deliveries: {what}"
             ))
@@ -257,24 +264,31 @@ async fn settle(pipeline: &Pipeline, session: &Session, delivery: Delivery) {
             match dead_letter(&session.publisher, &delivery, &reason).await {
                 Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                 Err(e) => {
-                    error!(error = %e, "could not dead-letter the message; it will be redelivered");
-                    return;
+                    error!(error = %e, "could not dead-letter the message; returning it to the queue");
+                    requeue_later(&delivery).await
                 }
             }
         }
         Disposition::Requeue(reason) => {
             warn!(message = %message_ref(&delivery), %reason, "message returned to the queue");
-            delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await
+            requeue_later(&delivery).await
         }
     };
     if let Err(e) = settled {
         warn!(error = %e, "could not settle a message; the broker will deliver it again");
     }
+}
+
+/// Returns a message to the queue after a pause, so that a fault that persists while the
+/// channel lives does not turn into a tight redelivery loop.
+async fn requeue_later(delivery: &Delivery) -> Result<bool, lapin::Error> {
+    tokio::time::sleep(REQUEUE_PAUSE).await;
+    delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
 }
 
 /// Moves a message to the dead-letter queue, unchanged but for the `x-error` header.

@@ -198,3 +198,32 @@ async fn a_broken_webhook_row_fails_that_delivery_alone() {
     }
     worker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn disabling_with_sql_stops_waiting_retries() {
+    let t = OneHook::start(
+        "down",
+        vec![Reply::Status(500)],
+        &["--retry-schedule", "1s"],
+    )
+    .await;
+    let id = t.publish().await;
+    t.wait(id, &["failed"], 10).await;
+    sqlx::query("UPDATE control_plane.webhooks SET disabled = true WHERE id = $1")
+        .bind(t.hook)
+        .execute(&t.env.pool)
+        .await
+        .unwrap();
+    // In the same transaction as the disable.
+    let d = t.env.delivery(t.hook, id).await.unwrap();
+    assert_eq!(d.status, "disabled");
+    assert_eq!(d.error_type.as_deref(), Some("WEBHOOK_DISABLED"));
+    assert!(!d.has_next_retry);
+    let state = t.env.webhook(t.hook).await;
+    assert!(state.disabled_at.is_some());
+    // Its retry comes out of the delay queue and is dropped without a request.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(t.seen().len(), 1);
+    assert_eq!(t.env.delivery(t.hook, id).await.unwrap().attempts, 1);
+    t.stop().await;
+}
