@@ -407,8 +407,10 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    pub fn spawn(env: &TestEnv, extra_env: &[(&str, &str)]) -> WorkerProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_webhook-worker"))
+    /// `webhook-worker run` for this environment, output discarded; `extra_env` on top.
+    pub fn command(env: &TestEnv, extra_env: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_webhook-worker"));
+        command
             .arg("run")
             .envs([
                 ("DATABASE_URL", env.db_url.as_str()),
@@ -416,9 +418,16 @@ impl WorkerProcess {
                 ("HTTP_ADDR", "127.0.0.1:0"),
                 ("ALLOW_PRIVATE_IPS", "true"),
             ])
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
             .envs(extra_env.iter().copied())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        command
+    }
+
+    pub fn spawn(env: &TestEnv, extra_env: &[(&str, &str)]) -> WorkerProcess {
+        let child = Self::command(env, extra_env)
             .spawn()
             .expect("starting the webhook-worker binary");
         WorkerProcess { child }

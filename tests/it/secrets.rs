@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{Receiver, Reply, TestEnv, WebhookSpec, event};
+use crate::harness::{Receiver, Reply, TestEnv, WebhookSpec, WorkerProcess, event};
 
 const BIN: &str = env!("CARGO_BIN_EXE_webhook-worker");
 const SECRET: &str = "whsec_c2VjcmV0LXRoYXQtbXVzdC1uZXZlci1sZWFrISE=";
@@ -24,20 +24,12 @@ async fn a_webhook_secret_never_reaches_the_logs() {
         })
         .await;
     env.declare_topology().await;
-    let worker = Command::new(BIN)
-        .arg("run")
-        .envs([
-            ("DATABASE_URL", env.db_url.as_str()),
-            ("AMQP_URL", env.amqp_url.as_str()),
-            ("HTTP_ADDR", "127.0.0.1:0"),
-            ("ALLOW_PRIVATE_IPS", "true"),
-            ("RETRY_SCHEDULE", "100ms"),
-            ("RUST_LOG", "debug"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let worker =
+        WorkerProcess::command(&env, &[("RETRY_SCHEDULE", "100ms"), ("RUST_LOG", "debug")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
     let (id, body) = event("p", "t", serde_json::json!({}));
     env.publish(&body).await;
     env.wait_for_status(hook, id, &["delivered"], Duration::from_secs(20))

@@ -2,10 +2,9 @@
 //! proxy from the environment is used. Only loopback is ever a target here; the other
 //! ranges are covered by the classifier's unit tests.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{Receiver, Reply, TestEnv, WebhookSpec, event};
+use crate::harness::{Receiver, Reply, TestEnv, WebhookSpec, WorkerProcess, event};
 
 #[tokio::test]
 async fn loopback_in_any_spelling_is_blocked_without_a_request() {
@@ -67,29 +66,20 @@ async fn proxies_from_the_environment_are_ignored() {
         .await;
     let proxy_url = format!("http://{}", proxy.addr);
     env.declare_topology().await;
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_webhook-worker"))
-        .arg("run")
-        .envs([
-            ("DATABASE_URL", env.db_url.as_str()),
-            ("AMQP_URL", env.amqp_url.as_str()),
-            ("HTTP_ADDR", "127.0.0.1:0"),
-            ("ALLOW_PRIVATE_IPS", "true"),
+    let worker = WorkerProcess::spawn(
+        &env,
+        &[
             ("HTTP_PROXY", proxy_url.as_str()),
             ("http_proxy", proxy_url.as_str()),
             ("ALL_PROXY", proxy_url.as_str()),
-        ])
-        .env_remove("NO_PROXY")
-        .env_remove("no_proxy")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    );
     let (id, body) = event("p", "t", serde_json::json!({}));
     env.publish(&body).await;
     let d = env
         .wait_for_status(hook, id, &["delivered", "failed"], Duration::from_secs(20))
         .await;
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    drop(worker); // killed
     assert_eq!(d.status, "delivered");
     assert_eq!(rx.seen("hook").len(), 1);
     assert!(
