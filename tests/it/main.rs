@@ -12,4 +12,5 @@ mod receivers;
 mod retries;
 mod secrets;
 mod ssrf;
+mod timing;
 mod webhook_state;
