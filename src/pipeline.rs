@@ -305,8 +305,8 @@ impl Pipeline {
         session: &Session,
     ) -> Result<Option<(Job, DateTime<Utc>, AttemptResult)>, Failure> {
         let waiting = Instant::now();
-        // A session lost meanwhile: the broker is giving this message to another process,
-        // so no request may start for it here.
+        // A session that ended meanwhile (lost, or stopping): the broker will give this
+        // message to another process, so no request may start for it here.
         let _permit = tokio::select! {
             biased;
             _ = session.closing.cancelled() => {
