@@ -36,6 +36,9 @@ CREATE INDEX webhooks_project_event_idx ON control_plane.webhooks (project_id, e
 CREATE INDEX webhooks_consecutive_failures_idx ON control_plane.webhooks (consecutive_failures);
 
 -- Re-enabling a webhook (disabled = false) starts it afresh: counter 0, no failure run.
+-- Disabling it, whether the worker does it or an operator with plain SQL, stops its
+-- waiting deliveries (`pending` and `failed`) in the same transaction, so their retry
+-- messages are dropped without a request (CONTRACT §3).
 CREATE FUNCTION control_plane.webhooks_before_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -46,8 +49,16 @@ BEGIN
             NEW.failing_since := NULL;
             NEW.disabled_at := NULL;
             NEW.disabled_reason := NULL;
-        ELSIF NEW.disabled_at IS NULL THEN
-            NEW.disabled_at := now();
+        ELSE
+            IF NEW.disabled_at IS NULL THEN
+                NEW.disabled_at := now();
+            END IF;
+            UPDATE control_plane.webhook_deliveries
+               SET status = 'disabled', next_retry_at = NULL, error_type = 'WEBHOOK_DISABLED',
+                   error_message = 'webhook disabled: '
+                       || coalesce(NEW.disabled_reason, 'by an operator'),
+                   updated_at = now()
+             WHERE webhook_id = NEW.id AND status IN ('pending', 'failed');
         END IF;
     END IF;
     NEW.updated_at := now();

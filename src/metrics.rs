@@ -159,6 +159,15 @@ impl Metrics {
         }
     }
 
+    /// `count` deliveries stopped (`disabled`) with their webhook.
+    pub fn stopped(&self, count: u64) {
+        self.deliveries
+            .get_or_create(&StatusLabel {
+                status: DeliveryStatus::Disabled.as_str(),
+            })
+            .inc_by(count);
+    }
+
     /// Counts an HTTP attempt in flight until the guard is dropped.
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();

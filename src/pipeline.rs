@@ -140,12 +140,7 @@ impl Pipeline {
         delivery: &Delivery,
         session: &Session,
     ) -> Result<Disposition, Failure> {
-        let headers = delivery.properties.headers().as_ref();
-        let trace = TraceContext::new(
-            header_str(headers, "traceparent"),
-            header_str(headers, "tracestate"),
-        );
-        let event = match Event::parse(&delivery.data, trace, Utc::now()) {
+        let event = match Event::parse(&delivery.data, trace_of(delivery), Utc::now()) {
             Ok(event) => event,
             Err(invalid) => return Ok(Disposition::DeadLetter(invalid.0)),
         };
@@ -215,25 +210,19 @@ impl Pipeline {
         }
         match claim {
             Ok(job) => self.attempt(job, session).await?,
-            // This message made attempt N and then lost track (the broker gave it again):
-            // the retry it scheduled may not exist, so schedule it again. A duplicate of it
-            // is harmless, the claim lets one of them through.
-            Err(NoClaim::State {
-                status: DeliveryStatus::Failed,
-                attempts,
-                next_retry_at,
-            }) if delivery.redelivered && attempts == task.attempt => {
-                let retry = ScheduledRetry {
-                    delivery_id: task.delivery_id,
-                    attempt: attempts + 1,
-                    next_retry_at,
-                };
-                self.reschedule(&retry, &TraceContext::default(), session)
-                    .await?;
-            }
             Err(state) => {
-                debug!(delivery_id = %task.delivery_id, attempt = task.attempt, ?state,
-                    "retry message dropped: its attempt is recorded or the delivery moved on");
+                // This message made attempt N and then lost track (the broker gave it
+                // again): the retry it scheduled may not exist, so schedule it again. A
+                // duplicate of it is harmless, the claim lets one of them through.
+                let lost = state.pending_retry(task.delivery_id, task.attempt);
+                match lost.filter(|_| delivery.redelivered) {
+                    Some(retry) => {
+                        self.reschedule(&retry, &trace_of(delivery), session)
+                            .await?
+                    }
+                    None => debug!(delivery_id = %task.delivery_id, attempt = task.attempt,
+                        ?state, "retry message dropped: its attempt is recorded or the delivery moved on"),
+                }
             }
         }
         Ok(Disposition::Ack)
@@ -272,9 +261,7 @@ impl Pipeline {
             };
             if let Some(others) = stopped {
                 self.metrics.webhook_disabled(outcome == Outcome::Gone);
-                for _ in 0..others {
-                    self.metrics.finished(DeliveryStatus::Disabled, None);
-                }
+                self.metrics.stopped(others);
             }
             match (status, outcome) {
                 (DeliveryStatus::Failed, Outcome::Retry { after }) => {
@@ -371,18 +358,7 @@ impl Pipeline {
         let state = self
             .db("reading the delivery", || self.store.state(delivery_id))
             .await?;
-        if let NoClaim::State {
-            status: DeliveryStatus::Failed,
-            attempts,
-            next_retry_at,
-        } = state
-            && attempts == attempt
-        {
-            let retry = ScheduledRetry {
-                delivery_id,
-                attempt: attempt + 1,
-                next_retry_at,
-            };
+        if let Some(retry) = state.pending_retry(delivery_id, attempt) {
             self.reschedule(&retry, trace, session).await?;
         }
         Ok(())
@@ -552,6 +528,15 @@ fn log_attempt(result: &AttemptResult, outcome: Outcome, recorded: Recorded) {
             "webhook disabled"
         );
     }
+}
+
+/// The W3C trace context in a message's headers (a producer's, or a retry message's).
+fn trace_of(delivery: &Delivery) -> TraceContext {
+    let headers = delivery.properties.headers().as_ref();
+    TraceContext::new(
+        header_str(headers, "traceparent"),
+        header_str(headers, "tracestate"),
+    )
 }
 
 /// Whether a message is the worker's own retry message rather than a producer's event.

@@ -94,6 +94,25 @@ pub enum NoClaim {
     },
 }
 
+impl NoClaim {
+    /// The retry that recording attempt `attempt` scheduled, if the delivery is still
+    /// waiting for it: `failed`, with that attempt the last one recorded.
+    pub fn pending_retry(&self, delivery_id: Uuid, attempt: u32) -> Option<ScheduledRetry> {
+        match *self {
+            NoClaim::State {
+                status: DeliveryStatus::Failed,
+                attempts,
+                next_retry_at,
+            } if attempts == attempt => Some(ScheduledRetry {
+                delivery_id,
+                attempt: attempt + 1,
+                next_retry_at,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// A `failed` delivery whose next attempt must be (re)scheduled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduledRetry {
@@ -151,14 +170,6 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy(url)?;
         Ok(Store { pool })
-    }
-
-    pub fn from_pool(pool: PgPool) -> Store {
-        Store { pool }
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
     }
 
     /// Applies the embedded migrations; safe from several processes at once (sqlx holds an
