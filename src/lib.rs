@@ -11,8 +11,8 @@
 //!   sent by [`http`] (signed with [`signature`]), judged by the pure retry policy in [`outcome`], and recorded by the
 //!   [`store`] together with the webhook's failure counter; a retry goes to a delay queue
 //!   through [`amqp`]'s confirmed publisher before the message is acknowledged.
-//! - [`config`] and [`cli`] are the process's surface, [`health`] its probes and
-//!   [`metrics`] its numbers.
+//! - [`config`] and [`cli`] are the process's surface, [`health`] its probes,
+//!   [`metrics`] its numbers and [`telemetry`] its logs and traces.
 
 pub mod amqp;
 pub mod cli;
@@ -21,7 +21,6 @@ pub mod destination;
 pub mod event;
 pub mod health;
 pub mod http;
-pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod outcome;
@@ -30,6 +29,7 @@ pub mod publish;
 pub mod shutdown;
 pub mod signature;
 pub mod store;
+pub mod telemetry;
 pub mod topology;
 pub mod webhook;
 pub mod worker;

@@ -2,18 +2,27 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use webhook_worker::cli::{self, Cli};
-use webhook_worker::logging;
+use webhook_worker::telemetry;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.config.log_format);
-    match cli::run(cli).await {
+    let telemetry = match telemetry::init(cli.config.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("webhook-worker: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("webhook-worker: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Spans still buffered are exported before the process ends.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }

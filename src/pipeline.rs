@@ -12,7 +12,8 @@ use futures_util::future::join_all;
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::amqp::{PublishError, Publisher};
@@ -24,6 +25,7 @@ use crate::message::{RETRY_KIND, RetryTask};
 use crate::metrics::Metrics;
 use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
 use crate::store::{DeliveryStatus, DisablePolicy, Job, NoClaim, Recorded, ScheduledRetry, Store};
+use crate::telemetry;
 use crate::topology::{self, header_str};
 
 /// What becomes of a message once handled.
@@ -125,13 +127,19 @@ impl Pipeline {
         }
     }
 
-    /// Handles one message from the work queue: a retry message or a producer's event.
+    /// Handles one message from the work queue: a retry message or a producer's event,
+    /// in a span that continues the trace named in its headers.
     pub async fn handle(&self, delivery: &Delivery, session: &Session) -> Disposition {
-        let result = if is_retry(delivery) {
-            self.handle_retry(delivery, session).await
-        } else {
-            self.handle_event(delivery, session).await
-        };
+        let span = consume_span(delivery);
+        let result = async {
+            if is_retry(delivery) {
+                self.handle_retry(delivery, session).await
+            } else {
+                self.handle_event(delivery, session).await
+            }
+        }
+        .instrument(span)
+        .await;
         result.unwrap_or_else(Disposition::from)
     }
 
@@ -144,7 +152,11 @@ impl Pipeline {
             Ok(event) => event,
             Err(invalid) => return Ok(Disposition::DeadLetter(invalid.0)),
         };
-        let span = info_span!("event", event_id = %event.id, event_type = %event.event_type);
+        Span::current().record("event_id", tracing::field::display(event.id));
+        let span = info_span!("fan-out", deliveries = tracing::field::Empty);
+        span.set_attribute("event_id", event.id.to_string());
+        span.set_attribute("event_type", event.event_type.clone());
+        span.set_attribute("project_id", event.project_id.clone());
         async {
             let (stored, retried) = self
                 .db_retried("storing the event", || self.store.store_event(&event))
@@ -170,9 +182,10 @@ impl Pipeline {
                     return Ok(Disposition::Duplicate);
                 }
             };
+            Span::current().record("deliveries", jobs.len() + retries.len());
             debug!(deliveries = jobs.len(), "fanned out");
             for retry in &retries {
-                self.reschedule(retry, &event.trace, session).await?;
+                self.reschedule(retry, session).await?;
             }
             let results = join_all(jobs.into_iter().map(|job| self.attempt(job, session))).await;
             results.into_iter().collect::<Result<Vec<()>, Failure>>()?;
@@ -191,6 +204,9 @@ impl Pipeline {
             Ok(task) => task,
             Err(reason) => return Ok(Disposition::DeadLetter(reason)),
         };
+        let span = Span::current();
+        span.record("delivery_id", tracing::field::display(task.delivery_id));
+        span.record("attempt", task.attempt);
         let claim_it = |take_over| {
             self.db_retried("claiming a retry", move || {
                 self.store.claim(task.delivery_id, task.attempt, take_over)
@@ -216,10 +232,7 @@ impl Pipeline {
                 // duplicate of it is harmless, the claim lets one of them through.
                 let lost = state.pending_retry(task.delivery_id, task.attempt);
                 match lost.filter(|_| delivery.redelivered) {
-                    Some(retry) => {
-                        self.reschedule(&retry, &trace_of(delivery), session)
-                            .await?
-                    }
+                    Some(retry) => self.reschedule(&retry, session).await?,
                     None => debug!(delivery_id = %task.delivery_id, attempt = task.attempt,
                         ?state, "retry message dropped: its attempt is recorded or the delivery moved on"),
                 }
@@ -231,13 +244,15 @@ impl Pipeline {
     /// One attempt of a claimed delivery, from request to recorded outcome and scheduled
     /// retry.
     async fn attempt(&self, job: Job, session: &Session) -> Result<(), Failure> {
-        let span = info_span!("attempt", delivery_id = %job.delivery_id,
+        let span = info_span!("webhook attempt", delivery_id = %job.delivery_id,
             webhook_id = %job.webhook.id, attempt = job.attempt);
+        span.set_attribute("event_id", job.event.id.to_string());
         async {
             let Some((job, started_at, result)) = self.send(job, session).await? else {
                 return Ok(()); // no attempt: the webhook is gone or disabled
             };
             self.metrics.attempt(result.error_type(), result.duration);
+            telemetry::record_result(&Span::current(), &result, "error_type");
             let outcome = decide(self.config.retry_schedule.delays(), job.attempt, &result);
             let (recorded, retried) = self
                 .db_retried("recording the attempt", || {
@@ -246,16 +261,14 @@ impl Pipeline {
                 })
                 .await?;
             log_attempt(&result, outcome, recorded);
+            if let Recorded::Status { status, .. } = recorded {
+                Span::current().set_attribute("status", status.as_str());
+            }
             let Recorded::Status { status, stopped } = recorded else {
                 if retried {
                     // Perhaps our own first try committed: make sure its retry exists.
-                    self.ensure_next_attempt(
-                        job.delivery_id,
-                        job.attempt,
-                        &job.event.trace(),
-                        session,
-                    )
-                    .await?;
+                    self.ensure_next_attempt(job.delivery_id, job.attempt, session)
+                        .await?;
                 }
                 return Ok(());
             };
@@ -267,8 +280,7 @@ impl Pipeline {
                 (DeliveryStatus::Failed, Outcome::Retry { after }) => {
                     let task = RetryTask::new(job.delivery_id, job.attempt + 1);
                     let queue = topology::retry_queue(after);
-                    self.publish_task(session, &queue, task, &job.event.trace())
-                        .await?;
+                    self.publish_task(session, &queue, task).await?;
                     self.metrics.retry_scheduled(after);
                 }
                 (DeliveryStatus::Delivered, _) => {
@@ -332,11 +344,9 @@ impl Pipeline {
                 let event = &job.event;
                 let body = http::body(&event.event_type, event.occurred_at, &event.data);
                 let event_id = event.id.to_string();
-                let trace = event.trace();
                 let msg = http::Message {
                     event_id: &event_id,
                     body: &body,
-                    trace: &trace,
                 };
                 let _counted = self.metrics.in_flight();
                 http::send(&self.http, &target, &msg, self.config.delivery_timeout).await
@@ -352,14 +362,13 @@ impl Pipeline {
         &self,
         delivery_id: Uuid,
         attempt: u32,
-        trace: &TraceContext,
         session: &Session,
     ) -> Result<(), Failure> {
         let state = self
             .db("reading the delivery", || self.store.state(delivery_id))
             .await?;
         if let Some(retry) = state.pending_retry(delivery_id, attempt) {
-            self.reschedule(&retry, trace, session).await?;
+            self.reschedule(&retry, session).await?;
         }
         Ok(())
     }
@@ -367,12 +376,7 @@ impl Pipeline {
     /// Publishes the retry of a `failed` delivery again, for when the message that should
     /// have scheduled it may have been lost: into the delay queue that ends soonest after
     /// `next_retry_at`, or straight to the work queue when that time has passed.
-    async fn reschedule(
-        &self,
-        retry: &ScheduledRetry,
-        trace: &TraceContext,
-        session: &Session,
-    ) -> Result<(), Failure> {
+    async fn reschedule(&self, retry: &ScheduledRetry, session: &Session) -> Result<(), Failure> {
         let remaining = retry
             .next_retry_at
             .and_then(|at| (at - Utc::now()).to_std().ok())
@@ -386,19 +390,20 @@ impl Pipeline {
             }),
         };
         let task = RetryTask::new(retry.delivery_id, retry.attempt);
-        self.publish_task(session, &queue, task, trace).await
+        self.publish_task(session, &queue, task).await
     }
 
     /// Publishes a retry message with a broker confirm. A refusal on a live channel (a
     /// quorum queue electing a leader, say) is tried again a few times before the message
-    /// that caused it goes back to the queue.
+    /// that caused it goes back to the queue. The message continues the current span's
+    /// trace, so a retry hours later joins it.
     async fn publish_task(
         &self,
         session: &Session,
         queue: &str,
         task: RetryTask,
-        trace: &TraceContext,
     ) -> Result<(), Failure> {
+        let trace = &telemetry::propagate(&Span::current());
         let mut pause = Duration::from_millis(250);
         for _ in 0..PUBLISH_TRIES - 1 {
             let body = task.to_bytes();
@@ -537,6 +542,35 @@ fn trace_of(delivery: &Delivery) -> TraceContext {
         header_str(headers, "traceparent"),
         header_str(headers, "tracestate"),
     )
+}
+
+/// The span of handling one message (OpenTelemetry messaging conventions), a child of the
+/// span that published it: the producer's, or the attempt that scheduled a retry.
+fn consume_span(delivery: &Delivery) -> Span {
+    let span = info_span!(
+        "process webhook.events.work",
+        otel.kind = "consumer",
+        event_id = tracing::field::Empty,
+        delivery_id = tracing::field::Empty,
+        attempt = tracing::field::Empty
+    );
+    // Fails only without a tracer (in-process tests); the span then starts no trace.
+    let _ = span.set_parent(telemetry::parent(&trace_of(delivery)));
+    span.set_attribute("messaging.system", "rabbitmq");
+    span.set_attribute("messaging.operation.type", "process");
+    span.set_attribute("messaging.operation.name", "process");
+    span.set_attribute("messaging.destination.name", delivery.exchange.to_string());
+    span.set_attribute(
+        "messaging.rabbitmq.destination.routing_key",
+        delivery.routing_key.to_string(),
+    );
+    if let Some(id) = delivery.properties.message_id() {
+        span.set_attribute("messaging.message.id", id.to_string());
+    }
+    let kind = if is_retry(delivery) { "retry" } else { "event" };
+    span.set_attribute("webhook_worker.message", kind);
+    span.set_attribute("webhook_worker.redelivered", delivery.redelivered);
+    span
 }
 
 /// Whether a message is the worker's own retry message rather than a producer's event.

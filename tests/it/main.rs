@@ -13,4 +13,5 @@ mod retries;
 mod secrets;
 mod ssrf;
 mod timing;
+mod traces;
 mod webhook_state;
