@@ -238,7 +238,11 @@ impl Pipeline {
                 return Ok(()); // no attempt: the webhook is gone or disabled
             };
             self.metrics.attempt(result.error_type(), result.duration);
-            let outcome = decide(self.config.retry_schedule.delays(), job.attempt, &result);
+            let outcome = decide(
+                self.config.retry_schedule.delays(),
+                job.schedule_attempt(),
+                &result,
+            );
             let (recorded, retried) = self
                 .db_retried("recording the attempt", || {
                     self.store

@@ -77,8 +77,21 @@ impl StoredEvent {
 pub struct Job {
     pub delivery_id: Uuid,
     pub attempt: u32,
+    /// Attempts the delivery had when it was last replayed (0 if never): the retry
+    /// schedule counts from there.
+    pub attempts_before_replay: u32,
     pub webhook: WebhookRow,
     pub event: Arc<StoredEvent>,
+}
+
+impl Job {
+    /// Which attempt of the retry schedule this is (1-based): the attempt number, counted
+    /// again from 1 after a replay.
+    pub fn schedule_attempt(&self) -> u32 {
+        self.attempt
+            .saturating_sub(self.attempts_before_replay)
+            .max(1)
+    }
 }
 
 /// Why a retry message found no attempt to make.
@@ -149,8 +162,8 @@ pub struct Store {
 /// The columns of a [`WebhookRow`] from `control_plane.webhooks w`.
 macro_rules! webhook_columns {
     () => {
-        "w.id AS webhook_id, w.url, w.http_method, w.headers, w.secret, w.disabled, \
-         w.disabled_changed_at"
+        "w.id AS webhook_id, w.url, w.http_method, w.headers, w.secret, w.previous_secret, \
+         w.previous_secret_expires_at, w.disabled, w.disabled_changed_at"
     };
 }
 
@@ -194,6 +207,11 @@ impl Store {
             }
             Err(e) => Err(format!("Postgres unreachable: {e}")),
         }
+    }
+
+    /// The pool, for the operator commands' own queries.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
@@ -338,8 +356,8 @@ impl Store {
                UPDATE control_plane.webhook_deliveries SET status = 'delivering', updated_at = now() \
                WHERE id = $1 AND attempts = $2 - 1 \
                  AND (status IN ('pending', 'failed') OR (status = 'delivering' AND $3)) \
-               RETURNING id, webhook_id, event_id) \
-             SELECT ",
+               RETURNING id, webhook_id, event_id, attempts_before_replay) \
+             SELECT claimed.attempts_before_replay, ",
             webhook_columns!(),
             ", ",
             event_columns!(),
@@ -356,6 +374,7 @@ impl Store {
             return Ok(Ok(Job {
                 delivery_id,
                 attempt,
+                attempts_before_replay: row.attempts_before_replay.max(0) as u32,
                 webhook: row.webhook,
                 event: Arc::new(row.event),
             }));
@@ -574,6 +593,7 @@ fn jobs(rows: Vec<(Uuid, WebhookRow)>, attempt: u32, event: Arc<StoredEvent>) ->
         .map(|(delivery_id, webhook)| Job {
             delivery_id,
             attempt,
+            attempts_before_replay: 0,
             webhook,
             event: event.clone(),
         })
@@ -589,6 +609,7 @@ struct DeliveryWebhook {
 
 #[derive(sqlx::FromRow)]
 struct ClaimRow {
+    attempts_before_replay: i32,
     #[sqlx(flatten)]
     webhook: WebhookRow,
     #[sqlx(flatten)]
