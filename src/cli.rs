@@ -1,16 +1,15 @@
-//! The command line: `run` (the default), `migrate` and `publish`, all sharing one
-//! [`Config`] (CONTRACT §5).
+//! The command line: `run` (the default), `migrate`, `publish` and the operator commands
+//! of [`crate::ops`], all sharing one [`Config`] (CONTRACT §5).
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::config::{Config, redact_url};
+use crate::ops::{self, Output};
+use crate::shutdown;
 use crate::store::Store;
 use crate::worker::Worker;
-use crate::{publish, shutdown};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +21,9 @@ use crate::{publish, shutdown};
 pub struct Cli {
     #[command(flatten)]
     pub config: Config,
+    /// Print machine-readable JSON (one document; a list is an array) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -32,34 +34,28 @@ pub enum Command {
     Run,
     /// Apply the database migrations, then exit.
     Migrate,
-    /// Publish one event to the `webhook.events` exchange, for trying things out.
-    Publish(PublishArgs),
-}
-
-#[derive(Debug, clap::Args)]
-pub struct PublishArgs {
-    /// The event's project.
-    #[arg(long)]
-    pub project: String,
-    /// The event type, also the routing key.
-    #[arg(long = "type")]
-    pub event_type: String,
-    /// The event's `data`, as JSON.
-    #[arg(long, default_value = "{}")]
-    pub data: String,
-    /// The event id (default: a new UUID). Publishing the same id twice delivers once.
-    #[arg(long)]
-    pub id: Option<Uuid>,
-    /// When the event happened (RFC 3339; default: when the worker receives it).
-    #[arg(long)]
-    pub occurred_at: Option<DateTime<Utc>>,
-    /// A W3C `traceparent` to continue.
-    #[arg(long)]
-    pub traceparent: Option<String>,
+    /// Publish events to the `webhook.events` exchange: one from flags, or JSON lines.
+    Publish(ops::publish::PublishArgs),
+    /// Register and manage webhooks.
+    #[command(subcommand)]
+    Webhooks(ops::webhooks::WebhooksCommand),
+    /// Inspect deliveries and their attempts.
+    #[command(subcommand)]
+    Deliveries(ops::deliveries::DeliveriesCommand),
+    /// Give failed deliveries new attempts, through RabbitMQ.
+    Replay(ops::replay::ReplayArgs),
+    /// Inspect and requeue the messages in `webhook.events.dead`.
+    #[command(subcommand)]
+    DeadLetters(ops::dead_letters::DeadLettersCommand),
+    /// Delivery statistics per webhook and per project.
+    Stats(ops::stats::StatsArgs),
+    /// Delete finished deliveries, their attempts and old events.
+    Prune(ops::prune::PruneArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config;
+    let out = Output { json: cli.json };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let worker = Worker::build(config).await?;
@@ -76,29 +72,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Publish(args) => {
-            let id = args.id.unwrap_or_else(Uuid::new_v4);
-            let data: serde_json::Value =
-                serde_json::from_str(&args.data).context("--data is not valid JSON")?;
-            let mut event = serde_json::json!({
-                "id": id,
-                "project_id": args.project,
-                "event_type": args.event_type,
-                "data": data,
-            });
-            if let Some(at) = args.occurred_at {
-                event["occurred_at"] = serde_json::json!(at.to_rfc3339());
-            }
-            let body = serde_json::to_vec(&event)?;
-            publish::publish_event(
-                &config,
-                &args.event_type,
-                &body,
-                args.traceparent.as_deref(),
-            )
-            .await?;
-            println!("{id}");
-            Ok(())
-        }
+        Command::Publish(args) => ops::publish::run(args, &config, out).await,
+        Command::Webhooks(command) => ops::webhooks::run(command, &config, out).await,
+        Command::Deliveries(command) => ops::deliveries::run(command, &config, out).await,
+        Command::Replay(args) => ops::replay::run(args, &config, out).await,
+        Command::DeadLetters(command) => ops::dead_letters::run(command, &config, out).await,
+        Command::Stats(args) => ops::stats::run(args, &config, out).await,
+        Command::Prune(args) => ops::prune::run(args, &config, out).await,
     }
 }

@@ -12,7 +12,9 @@
 //!   [`store`] together with the webhook's failure counter; a retry goes to a delay queue
 //!   through [`amqp`]'s confirmed publisher before the message is acknowledged.
 //! - [`config`] and [`cli`] are the process's surface, [`health`] its probes,
-//!   [`metrics`] its numbers and [`telemetry`] its logs and traces.
+//!   [`metrics`] its numbers and [`telemetry`] its logs and traces; [`ops`] holds the
+//!   operator commands (webhooks, deliveries, replay, dead letters, stats, publish,
+//!   prune), which work on the same tables and queues.
 
 pub mod amqp;
 pub mod cli;
@@ -23,6 +25,7 @@ pub mod health;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod ops;
 pub mod outcome;
 pub mod pipeline;
 pub mod publish;

@@ -35,9 +35,10 @@ impl RetryTask {
     pub fn parse(body: &[u8]) -> Result<RetryTask, String> {
         let task: RetryTask =
             serde_json::from_slice(body).map_err(|e| format!("retry message is not valid: {e}"))?;
-        if task.v != 1 || task.attempt < 2 {
+        // Attempt 1 comes from a replay of a delivery stopped before its first attempt.
+        if task.v != 1 || task.attempt < 1 {
             return Err(format!(
-                "retry message has version {} and attempt {}; expected version 1 and attempt >= 2",
+                "retry message has version {} and attempt {}; expected version 1 and attempt >= 1",
                 task.v, task.attempt
             ));
         }

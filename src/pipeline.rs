@@ -253,7 +253,11 @@ impl Pipeline {
             };
             self.metrics.attempt(result.error_type(), result.duration);
             telemetry::record_result(&Span::current(), &result, "error_type");
-            let outcome = decide(self.config.retry_schedule.delays(), job.attempt, &result);
+            let outcome = decide(
+                self.config.retry_schedule.delays(),
+                job.schedule_attempt(),
+                &result,
+            );
             let (recorded, retried) = self
                 .db_retried("recording the attempt", || {
                     self.store

@@ -1,14 +1,17 @@
 //! Standard Webhooks signing: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, keyed
-//! with the base64-decoded part of a `whsec_` secret.
+//! with the base64-decoded part of a `whsec_` secret. During a secret rotation's grace
+//! period a message is signed with both secrets, space-separated, as the specification
+//! allows, so a receiver holding either one accepts it.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// A decoded webhook secret. Its `Debug` never shows the key.
+/// A decoded webhook secret, or during a rotation the current and the previous one. Its
+/// `Debug` never shows a key.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
+pub struct Secret(Vec<Vec<u8>>);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -31,19 +34,36 @@ impl Secret {
                 key.len()
             ));
         }
-        Ok(Secret(key))
+        Ok(Secret(vec![key]))
     }
 
-    /// The `webhook-signature` header value for this message.
-    pub fn sign(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(msg_id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+    /// This secret, also signing with `previous` (a rotated-out secret still in its grace
+    /// period): its signature comes after this one's.
+    pub fn with_previous(mut self, previous: Secret) -> Secret {
+        self.0.extend(previous.0);
+        self
     }
+
+    /// The `webhook-signature` header value for this message: one `v1,<signature>` per
+    /// key, space-separated.
+    pub fn sign(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+        let signatures: Vec<String> = self
+            .0
+            .iter()
+            .map(|key| sign_with(key, msg_id, timestamp, body))
+            .collect();
+        signatures.join(" ")
+    }
+}
+
+fn sign_with(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(msg_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
 }
 
 #[cfg(test)]
@@ -60,6 +80,22 @@ mod tests {
             br#"{"test": 2432232314}"#,
         );
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn signs_with_the_previous_secret_too() {
+        let current = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let previous = Secret::parse("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA").unwrap();
+        let both = current.clone().with_previous(previous.clone());
+        let body = br#"{"test": 2432232314}"#;
+        let sig = both.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
+        let expected = format!(
+            "{} {}",
+            current.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            previous.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+        );
+        assert_eq!(sig, expected);
+        assert!(sig.starts_with("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE= v1,"));
     }
 
     #[test]

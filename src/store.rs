@@ -10,7 +10,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::event::{Event, TraceContext};
+use crate::event::Event;
 use crate::outcome::{AttemptResult, ErrorType, Outcome};
 use crate::webhook::WebhookRow;
 
@@ -62,14 +62,6 @@ pub struct StoredEvent {
     /// When a worker first took the event from the queue.
     pub received_at: DateTime<Utc>,
     pub data: String,
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
-}
-
-impl StoredEvent {
-    pub fn trace(&self) -> TraceContext {
-        TraceContext::new(self.traceparent.as_deref(), self.tracestate.as_deref())
-    }
 }
 
 /// A delivery claimed for attempt number `attempt`: nobody else makes that attempt.
@@ -77,8 +69,21 @@ impl StoredEvent {
 pub struct Job {
     pub delivery_id: Uuid,
     pub attempt: u32,
+    /// Attempts the delivery had when it was last replayed (0 if never): the retry
+    /// schedule counts from there.
+    pub attempts_before_replay: u32,
     pub webhook: WebhookRow,
     pub event: Arc<StoredEvent>,
+}
+
+impl Job {
+    /// Which attempt of the retry schedule this is (1-based): the attempt number, counted
+    /// again from 1 after a replay.
+    pub fn schedule_attempt(&self) -> u32 {
+        self.attempt
+            .saturating_sub(self.attempts_before_replay)
+            .max(1)
+    }
 }
 
 /// Why a retry message found no attempt to make.
@@ -149,16 +154,15 @@ pub struct Store {
 /// The columns of a [`WebhookRow`] from `control_plane.webhooks w`.
 macro_rules! webhook_columns {
     () => {
-        "w.id AS webhook_id, w.url, w.http_method, w.headers, w.secret, w.disabled, \
-         w.disabled_changed_at"
+        "w.id AS webhook_id, w.url, w.http_method, w.headers, w.secret, w.previous_secret, \
+         w.previous_secret_expires_at, w.disabled, w.disabled_changed_at"
     };
 }
 
 /// The columns of a [`StoredEvent`] from `control_plane.events e`.
 macro_rules! event_columns {
     () => {
-        "e.id AS event_id, e.event_type, e.occurred_at, e.received_at, e.data::text AS data, \
-         e.traceparent, e.tracestate"
+        "e.id AS event_id, e.event_type, e.occurred_at, e.received_at, e.data::text AS data"
     };
 }
 
@@ -194,6 +198,11 @@ impl Store {
             }
             Err(e) => Err(format!("Postgres unreachable: {e}")),
         }
+    }
+
+    /// The pool, for the operator commands' own queries.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
@@ -256,8 +265,6 @@ impl Store {
             occurred_at: event.occurred_at,
             received_at,
             data: event.data.get().to_string(),
-            traceparent: event.trace.traceparent.clone(),
-            tracestate: event.trace.tracestate.clone(),
         });
         Ok(Some(jobs(rows, 1, stored)))
     }
@@ -338,8 +345,8 @@ impl Store {
                UPDATE control_plane.webhook_deliveries SET status = 'delivering', updated_at = now() \
                WHERE id = $1 AND attempts = $2 - 1 \
                  AND (status IN ('pending', 'failed') OR (status = 'delivering' AND $3)) \
-               RETURNING id, webhook_id, event_id) \
-             SELECT ",
+               RETURNING id, webhook_id, event_id, attempts_before_replay) \
+             SELECT claimed.attempts_before_replay, ",
             webhook_columns!(),
             ", ",
             event_columns!(),
@@ -356,6 +363,7 @@ impl Store {
             return Ok(Ok(Job {
                 delivery_id,
                 attempt,
+                attempts_before_replay: row.attempts_before_replay.max(0) as u32,
                 webhook: row.webhook,
                 event: Arc::new(row.event),
             }));
@@ -574,6 +582,7 @@ fn jobs(rows: Vec<(Uuid, WebhookRow)>, attempt: u32, event: Arc<StoredEvent>) ->
         .map(|(delivery_id, webhook)| Job {
             delivery_id,
             attempt,
+            attempts_before_replay: 0,
             webhook,
             event: event.clone(),
         })
@@ -589,6 +598,7 @@ struct DeliveryWebhook {
 
 #[derive(sqlx::FromRow)]
 struct ClaimRow {
+    attempts_before_replay: i32,
     #[sqlx(flatten)]
     webhook: WebhookRow,
     #[sqlx(flatten)]

@@ -43,9 +43,14 @@ impl Telemetry {
     }
 }
 
-/// Installs the logger and the tracer. Fails on an OTLP setting that cannot work, such as
-/// an unknown protocol.
+/// Installs the logger and the tracer, logging at `info` unless `RUST_LOG` says otherwise.
+/// Fails on an OTLP setting that cannot work, such as an unknown protocol.
 pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
+    init_with(format, "info")
+}
+
+/// [`init`] with another default log filter (tests run quiet).
+pub fn init_with(format: LogFormat, default_filter: &str) -> anyhow::Result<Telemetry> {
     let provider = tracer_provider()?;
     let tracer = provider.tracer("webhook-worker");
     // Our own spans only: a dependency's spans would only add noise to a delivery trace.
@@ -53,7 +58,8 @@ pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(traced);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

@@ -184,7 +184,12 @@ fn string(s: &str) -> AMQPValue {
 
 /// A header value as an integer, whatever integer type it was sent as.
 pub fn header_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
-    match headers?.inner().get(&ShortString::from(name))? {
+    as_int(headers?.inner().get(&ShortString::from(name))?)
+}
+
+/// An AMQP value as an integer, whatever integer type it is.
+pub fn as_int(value: &AMQPValue) -> Option<i64> {
+    match value {
         AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
         AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
         AMQPValue::ShortInt(v) => Some(i64::from(*v)),

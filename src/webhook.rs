@@ -18,6 +18,9 @@ pub struct WebhookRow {
     pub http_method: String,
     pub headers: serde_json::Value,
     pub secret: Option<String>,
+    /// The secret a rotation replaced, also used to sign until `previous_secret_expires_at`.
+    pub previous_secret: Option<String>,
+    pub previous_secret_expires_at: Option<chrono::DateTime<chrono::Utc>>,
     pub disabled: bool,
     /// Which enabled/disabled state of the webhook this row shows: an attempt counts on
     /// the webhook only if that state has not changed since (CONTRACT §3).
@@ -78,18 +81,35 @@ impl WebhookRow {
             }
         };
         let headers = custom_headers(&self.headers).map_err(|e| (ErrorType::InvalidWebhook, e))?;
-        let secret = self
-            .secret
-            .as_deref()
-            .map(Secret::parse)
-            .transpose()
-            .map_err(|e| (ErrorType::InvalidWebhook, e))?;
+        let secret = self.secret().map_err(|e| (ErrorType::InvalidWebhook, e))?;
         Ok(Target {
             method,
             url,
             headers,
             secret,
         })
+    }
+
+    /// The signing secret: the current one, and the previous one while its grace period
+    /// lasts. A previous secret is used only with a current one.
+    fn secret(&self) -> Result<Option<Secret>, String> {
+        let Some(current) = self.secret.as_deref() else {
+            return Ok(None);
+        };
+        let current = Secret::parse(current)?;
+        let previous = self
+            .previous_secret
+            .as_deref()
+            .filter(|_| {
+                self.previous_secret_expires_at
+                    .is_some_and(|at| at > chrono::Utc::now())
+            })
+            .map(|text| Secret::parse(text).map_err(|e| format!("previous_secret: {e}")))
+            .transpose()?;
+        Ok(Some(match previous {
+            Some(previous) => current.with_previous(previous),
+            None => current,
+        }))
     }
 }
 
@@ -131,6 +151,8 @@ mod tests {
             http_method: method.into(),
             headers,
             secret: secret.map(str::to_string),
+            previous_secret: None,
+            previous_secret_expires_at: None,
             disabled: false,
             disabled_changed_at: chrono::Utc::now(),
         }
@@ -154,7 +176,7 @@ mod tests {
 
     #[test]
     fn each_bad_column_is_named() {
-        let cases = [
+        let mut cases = vec![
             (
                 row("not a url", "POST", json!({}), None),
                 ErrorType::InvalidUrl,
@@ -196,6 +218,22 @@ mod tests {
                 "secret",
             ),
         ];
+        let mut expired = row(
+            "http://h/",
+            "POST",
+            json!({}),
+            Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        );
+        expired.previous_secret = Some("whsec_short".into());
+        expired.previous_secret_expires_at =
+            Some(chrono::Utc::now() - chrono::Duration::seconds(1));
+        assert!(
+            expired.target().is_ok(),
+            "an expired previous secret is ignored"
+        );
+        let mut current = expired.clone();
+        current.previous_secret_expires_at = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+        cases.push((current, ErrorType::InvalidWebhook, "previous_secret"));
         for (row, error_type, text) in cases {
             let (t, msg) = row.target().unwrap_err();
             assert_eq!(t, error_type, "{msg}");

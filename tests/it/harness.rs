@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use webhook_worker::cli::Cli;
+use webhook_worker::config::LogFormat;
 use webhook_worker::{Config, Worker, topology};
 
 /// Where the services are; override with TEST_DATABASE_URL and TEST_AMQP_BASE.
@@ -458,6 +459,17 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// Installs the tracer (without an exporter) once, as the binary does, so that in-process
+/// workers propagate trace contexts the same way. Logs stay off unless `RUST_LOG` is set.
+fn install_tracer() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let telemetry = webhook_worker::telemetry::init_with(LogFormat::Text, "off")
+            .expect("installing the tracer");
+        std::mem::forget(telemetry); // lives as long as the test process
+    });
+}
+
 /// The worker, running in this process until stopped.
 pub struct RunningWorker {
     pub stop: CancellationToken,
@@ -467,6 +479,7 @@ pub struct RunningWorker {
 
 impl RunningWorker {
     pub async fn start(config: Config) -> RunningWorker {
+        install_tracer();
         let worker = Worker::build(config).await.expect("building the worker");
         let http_addr = worker.http_addr();
         let stop = CancellationToken::new();
