@@ -2,12 +2,13 @@
 
 use anyhow::Context;
 use lapin::BasicProperties;
-use lapin::types::FieldTable;
+use tracing::{Instrument, info_span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::amqp::{self, Publisher, with_header};
+use crate::amqp::{self, Publisher, trace_headers};
 use crate::config::{Config, redact_url};
 use crate::event::{Event, TraceContext};
-use crate::topology;
+use crate::{telemetry, topology};
 
 /// A connection that publishes events with broker confirms.
 pub struct Producer {
@@ -27,20 +28,33 @@ impl Producer {
         Ok(Producer { conn, publisher })
     }
 
-    /// Checks the body is a valid event and publishes it with its type as routing key;
-    /// returns the event.
+    /// Checks the body is a valid event and publishes it with its type as routing key, in a
+    /// producer span (a child of `traceparent` when given) whose context the message
+    /// carries; returns the event.
     pub async fn publish(&self, body: &[u8], traceparent: Option<&str>) -> anyhow::Result<Event> {
         let event = Event::parse(body, TraceContext::default(), chrono::Utc::now())
             .context("the event is not valid")?;
-        let mut headers = FieldTable::default();
-        if let Some(tp) = traceparent {
-            with_header(&mut headers, "traceparent", tp);
-        }
+        let given = TraceContext::new(traceparent, None);
+        let span =
+            info_span!("publish webhook.events", otel.kind = "producer", event_id = %event.id);
+        let _ = span.set_parent(telemetry::parent(&given));
+        span.set_attribute("messaging.system", "rabbitmq");
+        span.set_attribute("messaging.operation.type", "send");
+        span.set_attribute("messaging.destination.name", topology::EXCHANGE);
+        span.set_attribute(
+            "messaging.rabbitmq.destination.routing_key",
+            event.event_type.clone(),
+        );
+        // Without a tracer (the library used on its own) the given context goes on as is.
+        let trace = Some(telemetry::propagate(&span))
+            .filter(|t| t.traceparent.is_some())
+            .unwrap_or(given);
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
-            .with_headers(headers);
+            .with_headers(trace_headers(&trace));
         self.publisher
             .publish(topology::EXCHANGE, &event.event_type, body, properties)
+            .instrument(span)
             .await?;
         Ok(event)
     }

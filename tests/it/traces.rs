@@ -335,3 +335,47 @@ async fn an_unusable_otlp_protocol_stops_the_process_with_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn the_publish_command_exports_a_producer_span_the_worker_continues() {
+    let env = TestEnv::new().await;
+    let collected = Collected::default();
+    let endpoint = http_collector(collected.clone()).await;
+    let rx = Receiver::start().await;
+    let url = rx.url("hook", vec![Reply::Status(204)]);
+    env.add_webhook(WebhookSpec::new("traced", "order.created", &url))
+        .await;
+    let otel = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let worker = WorkerProcess::spawn(&env, &otel);
+    let traceparent = format!("00-{TRACE_ID}-{PRODUCER_SPAN}-01");
+    let args = ["publish", "--project", "traced", "--type", "order.created"];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_webhook-worker"))
+        .args(args)
+        .args(["--traceparent", &traceparent])
+        .envs([("AMQP_URL", env.amqp_url.as_str())])
+        .envs(otel)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rx.wait_for("hook", 1, Duration::from_secs(30)).await;
+    worker.signal("-TERM");
+    assert_eq!(worker.wait().await, Some(0));
+
+    let spans: Vec<Span> = collected.spans().into_iter().map(|(_, s)| s).collect();
+    let publish = spans
+        .iter()
+        .find(|s| s.name == "publish webhook.events")
+        .expect("the command's producer span was exported before it exited");
+    assert_eq!(publish.kind, SpanKind::Producer as i32);
+    assert_eq!(hex(&publish.trace_id), TRACE_ID);
+    assert_eq!(hex(&publish.parent_span_id), PRODUCER_SPAN);
+    let consume = spans
+        .iter()
+        .find(|s| s.name == "process webhook.events.work")
+        .expect("the worker's span");
+    assert_eq!(hex(&consume.parent_span_id), hex(&publish.span_id));
+}
