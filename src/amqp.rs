@@ -7,6 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::config::redact_url;
+use crate::event::TraceContext;
 
 /// Connects with a name that shows in the management UI.
 pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
@@ -81,4 +82,17 @@ impl Publisher {
 /// Adds a string header.
 pub fn with_header(headers: &mut FieldTable, name: &str, value: &str) {
     headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+}
+
+/// The W3C trace context as message headers, so that whoever consumes the message joins
+/// the trace.
+pub fn trace_headers(trace: &TraceContext) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(tp) = &trace.traceparent {
+        with_header(&mut headers, "traceparent", tp);
+    }
+    if let Some(ts) = &trace.tracestate {
+        with_header(&mut headers, "tracestate", ts);
+    }
+    headers
 }

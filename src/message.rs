@@ -2,11 +2,10 @@
 //! everything else is read from Postgres when it arrives (CONTRACT §3).
 
 use lapin::BasicProperties;
-use lapin::types::FieldTable;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::amqp::with_header;
+use crate::amqp::trace_headers;
 use crate::event::TraceContext;
 
 /// The AMQP `type` property that tells a retry message from a producer's event.
@@ -48,17 +47,10 @@ impl RetryTask {
     /// Properties of the message: its kind, and the event's trace so that a retry hours
     /// later joins the same trace.
     pub fn properties(&self, trace: &TraceContext) -> BasicProperties {
-        let mut headers = FieldTable::default();
-        if let Some(tp) = &trace.traceparent {
-            with_header(&mut headers, "traceparent", tp);
-        }
-        if let Some(ts) = &trace.tracestate {
-            with_header(&mut headers, "tracestate", ts);
-        }
         BasicProperties::default()
             .with_type(RETRY_KIND.into())
             .with_content_type("application/json".into())
-            .with_headers(headers)
+            .with_headers(trace_headers(trace))
     }
 }
 
