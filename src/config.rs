@@ -86,6 +86,12 @@ pub struct Config {
     #[arg(long, env = "QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum, global = true)]
     pub queue_type: QueueType,
 
+    /// The project of the operational events the worker publishes to `webhook.events`
+    /// (`webhook.disabled`, `webhook.delivery.exhausted`); unset, none are published. Off by
+    /// default: events nobody subscribed to would only fill the events table.
+    #[arg(long, env = "OPERATIONAL_EVENTS_PROJECT", value_parser = clap::builder::NonEmptyStringValueParser::new(), global = true)]
+    pub operational_events_project: Option<String>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,

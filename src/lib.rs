@@ -10,7 +10,9 @@
 //! - Each attempt turns the [`webhook`] row into a target, checked by [`destination`], is
 //!   sent by [`http`] (signed with [`signature`]), judged by the pure retry policy in [`outcome`], and recorded by the
 //!   [`store`] together with the webhook's failure counter; a retry goes to a delay queue
-//!   through [`amqp`]'s confirmed publisher before the message is acknowledged.
+//!   through [`amqp`]'s confirmed publisher before the message is acknowledged, and so do
+//!   the operational events of [`notify`] when an attempt disabled its webhook or ended its
+//!   delivery.
 //! - [`config`] and [`cli`] are the process's surface, [`health`] its probes,
 //!   [`metrics`] its numbers and [`telemetry`] its logs and traces; [`ops`] holds the
 //!   operator commands (webhooks, deliveries, replay, dead letters, stats, publish,
@@ -25,6 +27,7 @@ pub mod health;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod notify;
 pub mod ops;
 pub mod outcome;
 pub mod pipeline;

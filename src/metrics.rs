@@ -37,6 +37,11 @@ struct DelayLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventTypeLabel {
+    event_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -52,6 +57,7 @@ pub struct Metrics {
     in_flight: Gauge,
     retries: Family<DelayLabel, Counter>,
     disabled: Family<ReasonLabel, Counter>,
+    operational: Family<EventTypeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -113,6 +119,12 @@ impl Metrics {
             "Webhooks this process disabled, by reason",
             disabled.clone(),
         );
+        let operational = Family::<EventTypeLabel, Counter>::default();
+        registry.register(
+            "operational_events_published",
+            "Operational events published (confirmed), by type; one published again after a crash counts again",
+            operational.clone(),
+        );
         Metrics {
             registry,
             consumed,
@@ -123,6 +135,7 @@ impl Metrics {
             in_flight,
             retries,
             disabled,
+            operational,
         }
     }
 
@@ -184,6 +197,13 @@ impl Metrics {
         self.disabled.get_or_create(&ReasonLabel { reason }).inc();
     }
 
+    /// An operational event was published; `event_type` is one of [`crate::notify`]'s.
+    pub fn operational_event(&self, event_type: &'static str) {
+        self.operational
+            .get_or_create(&EventTypeLabel { event_type })
+            .inc();
+    }
+
     /// The Prometheus text format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -215,6 +235,7 @@ mod tests {
         m.finished(DeliveryStatus::Delivered, Some(Duration::from_millis(40)));
         m.retry_scheduled(Duration::from_secs(300));
         m.webhook_disabled(true);
+        m.operational_event(crate::notify::WEBHOOK_DISABLED);
         {
             let _guard = m.in_flight();
             assert!(m.render().contains("webhook_worker_attempts_in_flight 1"));
@@ -227,6 +248,7 @@ mod tests {
             "webhook_worker_deliveries_finished_total{status=\"delivered\"} 1",
             "webhook_worker_retries_scheduled_total{delay=\"5m\"} 1",
             "webhook_worker_webhooks_disabled_total{reason=\"gone\"} 1",
+            "webhook_worker_operational_events_published_total{event_type=\"webhook.disabled\"} 1",
             "webhook_worker_attempts_in_flight 0",
             "webhook_worker_attempt_duration_seconds_count 2",
             "webhook_worker_delivery_latency_seconds_count 1",

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
+use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,7 @@ use crate::event::{Event, TraceContext};
 use crate::http;
 use crate::message::{RETRY_KIND, RetryTask};
 use crate::metrics::Metrics;
+use crate::notify;
 use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
 use crate::store::{DeliveryStatus, DisablePolicy, Job, NoClaim, Recorded, ScheduledRetry, Store};
 use crate::telemetry;
@@ -53,7 +55,7 @@ enum Failure {
 
 impl From<PublishError> for Failure {
     fn from(e: PublishError) -> Self {
-        Failure::Unavailable(format!("publishing a retry: {e}"))
+        Failure::Unavailable(format!("publishing to RabbitMQ: {e}"))
     }
 }
 
@@ -174,8 +176,11 @@ impl Pipeline {
                     if in_progress > 0 {
                         self.takeover_grace(session).await?;
                     }
-                    self.db("resuming the event", || self.store.resume_event(event.id))
-                        .await?
+                    let resumed = self
+                        .db("resuming the event", || self.store.resume_event(event.id))
+                        .await?;
+                    self.renotify_event(event.id, session).await?;
+                    resumed
                 }
                 None => {
                     info!("event id already stored; duplicate ignored");
@@ -229,7 +234,12 @@ impl Pipeline {
             Err(state) => {
                 // This message made attempt N and then lost track (the broker gave it
                 // again): the retry it scheduled may not exist, so schedule it again. A
-                // duplicate of it is harmless, the claim lets one of them through.
+                // duplicate of it is harmless, the claim lets one of them through. The same
+                // goes for the operational events of an attempt that ended the delivery.
+                if delivery.redelivered && state.ended_by(task.attempt) {
+                    self.notify_operators(task.delivery_id, task.attempt, session)
+                        .await?;
+                }
                 let lost = state.pending_retry(task.delivery_id, task.attempt);
                 match lost.filter(|_| delivery.redelivered) {
                     Some(retry) => self.reschedule(&retry, session).await?,
@@ -270,8 +280,11 @@ impl Pipeline {
             }
             let Recorded::Status { status, stopped } = recorded else {
                 if retried {
-                    // Perhaps our own first try committed: make sure its retry exists.
+                    // Perhaps our own first try committed: make sure its retry and its
+                    // operational events exist.
                     self.ensure_next_attempt(job.delivery_id, job.attempt, session)
+                        .await?;
+                    self.notify_operators(job.delivery_id, job.attempt, session)
                         .await?;
                 }
                 return Ok(());
@@ -292,6 +305,10 @@ impl Pipeline {
                     self.metrics.finished(status, latency);
                 }
                 _ => self.metrics.finished(status, None),
+            }
+            if stopped.is_some() || status == DeliveryStatus::PermanentlyFailed {
+                self.notify_operators(job.delivery_id, job.attempt, session)
+                    .await?;
             }
             Ok(())
         }
@@ -377,6 +394,59 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Publishes, each confirmed, the operational events ([`notify`]) of attempt `attempt`
+    /// of a delivery: what it caused is read back from Postgres, so a message handled again
+    /// after a crash between recording and publishing publishes the same events (the same
+    /// ids, ignored as duplicates if the first ones made it).
+    async fn notify_operators(
+        &self,
+        delivery_id: Uuid,
+        attempt: u32,
+        session: &Session,
+    ) -> Result<(), Failure> {
+        let Some(project) = &self.config.operational_events_project else {
+            return Ok(());
+        };
+        let facts = self
+            .db("reading what the attempt caused", || {
+                self.store.attempt_facts(delivery_id, attempt)
+            })
+            .await?;
+        let trace = telemetry::propagate(&Span::current());
+        for notice in facts.iter().flat_map(|f| notify::notices(f, project)) {
+            let (body, properties) = (notice.body(project), notice.properties(&trace));
+            self.publish(
+                session,
+                topology::EXCHANGE,
+                notice.event_type,
+                &body,
+                properties,
+            )
+            .await?;
+            self.metrics.operational_event(notice.event_type);
+            info!(event_type = notice.event_type, id = %notice.id, "operational event published");
+        }
+        Ok(())
+    }
+
+    /// For an event message handled again: the operational events of the first attempts
+    /// that ended its deliveries (the first processing may have died before publishing
+    /// them).
+    async fn renotify_event(&self, event_id: Uuid, session: &Session) -> Result<(), Failure> {
+        if self.config.operational_events_project.is_none() {
+            return Ok(());
+        }
+        let ended = self
+            .db("reading the event's ended deliveries", || {
+                self.store.ended_by_first_attempt(event_id)
+            })
+            .await?;
+        for delivery_id in ended {
+            self.notify_operators(delivery_id, 1, session).await?;
+        }
+        Ok(())
+    }
+
     /// Publishes the retry of a `failed` delivery again, for when the message that should
     /// have scheduled it may have been lost: into the delay queue that ends soonest after
     /// `next_retry_at`, or straight to the work queue when that time has passed.
@@ -397,28 +467,41 @@ impl Pipeline {
         self.publish_task(session, &queue, task).await
     }
 
-    /// Publishes a retry message with a broker confirm. A refusal on a live channel (a
-    /// quorum queue electing a leader, say) is tried again a few times before the message
-    /// that caused it goes back to the queue. The message continues the current span's
-    /// trace, so a retry hours later joins it.
+    /// Publishes a retry message with a broker confirm. The message continues the current
+    /// span's trace, so a retry hours later joins it.
     async fn publish_task(
         &self,
         session: &Session,
         queue: &str,
         task: RetryTask,
     ) -> Result<(), Failure> {
-        let trace = &telemetry::propagate(&Span::current());
+        let properties = task.properties(&telemetry::propagate(&Span::current()));
+        self.publish(session, "", queue, &task.to_bytes(), properties)
+            .await
+    }
+
+    /// Publishes a message with a broker confirm. A refusal on a live channel (a quorum
+    /// queue electing a leader, say) is tried again a few times before the message that
+    /// caused it goes back to the queue.
+    async fn publish(
+        &self,
+        session: &Session,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), Failure> {
         let mut pause = Duration::from_millis(250);
         for _ in 0..PUBLISH_TRIES - 1 {
-            let body = task.to_bytes();
             match session
                 .publisher
-                .publish("", queue, &body, task.properties(trace))
+                .publish(exchange, routing_key, body, properties.clone())
                 .await
             {
                 Ok(()) => return Ok(()),
                 Err(PublishError::Broker(e)) => return Err(PublishError::Broker(e).into()),
-                Err(e) => warn!(error = %e, "publishing a retry; trying again in {pause:?}"),
+                Err(e) => warn!(error = %e, exchange, routing_key,
+                    "publishing; trying again in {pause:?}"),
             }
             tokio::select! {
                 biased;
@@ -429,10 +512,9 @@ impl Pipeline {
             }
             pause *= 2;
         }
-        let body = task.to_bytes();
         session
             .publisher
-            .publish("", queue, &body, task.properties(trace))
+            .publish(exchange, routing_key, body, properties)
             .await?;
         Ok(())
     }

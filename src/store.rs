@@ -116,6 +116,16 @@ impl NoClaim {
             _ => None,
         }
     }
+
+    /// Whether attempt `attempt` was the delivery's last and ended it (`permanently_failed`,
+    /// or `disabled` with its webhook): what it caused may have operational events.
+    pub fn ended_by(&self, attempt: u32) -> bool {
+        matches!(*self, NoClaim::State {
+            status: DeliveryStatus::PermanentlyFailed | DeliveryStatus::Disabled,
+            attempts,
+            ..
+        } if attempts == attempt)
+    }
 }
 
 /// A `failed` delivery whose next attempt must be (re)scheduled.
@@ -144,6 +154,33 @@ pub enum Recorded {
     },
     /// Another process recorded this attempt first, or the delivery was deleted.
     Superseded,
+}
+
+/// What an attempt did that operators hear of, read back from Postgres after it was
+/// recorded ([`Store::attempt_facts`]).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AttemptFacts {
+    pub delivery_id: Uuid,
+    pub attempt: i32,
+    pub event_id: Uuid,
+    pub webhook_id: Uuid,
+    /// The webhook's project.
+    pub project_id: String,
+    /// The event type the webhook subscribes to (maybe `*`).
+    pub webhook_event_type: String,
+    /// The delivered event's type.
+    pub event_type: String,
+    pub url: String,
+    pub http_status_code: Option<i32>,
+    pub error_type: Option<String>,
+    /// When this attempt made the delivery `permanently_failed`, if it is still so.
+    pub exhausted_at: Option<DateTime<Utc>>,
+    /// When this attempt disabled the webhook, if that disable still stands.
+    pub disabled_at: Option<DateTime<Utc>>,
+    /// The webhook's counter (frozen while it is disabled).
+    pub consecutive_failures: i32,
+    /// The webhook's other deliveries the disable stopped.
+    pub deliveries_stopped: i64,
 }
 
 #[derive(Clone)]
@@ -406,6 +443,54 @@ impl Store {
         .map(|_| ())
     }
 
+    /// What recording attempt `attempt` of a delivery did that operators are told about
+    /// ([`crate::notify`]); `None` when that attempt is not recorded (or was deleted).
+    pub async fn attempt_facts(
+        &self,
+        delivery_id: Uuid,
+        attempt: u32,
+    ) -> Result<Option<AttemptFacts>, sqlx::Error> {
+        // The disabling transaction set the attempt's `disabled_webhook_at`, the webhook's
+        // `disabled_at` and the `updated_at` of the deliveries its trigger stopped to the
+        // same now(); the delivery it ended keeps its `attempts` and `updated_at` until a
+        // replay. So this reads the same on every call until an operator acts.
+        sqlx::query_as::<_, AttemptFacts>(
+            "SELECT a.delivery_id, a.attempt_number AS attempt, d.event_id, a.webhook_id, \
+               w.project_id, w.event_type AS webhook_event_type, d.event_type, w.url, \
+               a.http_status_code, a.error_type, \
+               CASE WHEN d.status = 'permanently_failed' AND d.attempts = a.attempt_number \
+                 THEN d.updated_at END AS exhausted_at, \
+               CASE WHEN w.disabled AND w.disabled_at = a.disabled_webhook_at \
+                 THEN a.disabled_webhook_at END AS disabled_at, \
+               w.consecutive_failures, \
+               (SELECT count(*) FROM control_plane.webhook_deliveries s \
+                WHERE s.webhook_id = a.webhook_id AND s.status = 'disabled' \
+                  AND s.updated_at = a.disabled_webhook_at AND s.id <> a.delivery_id) \
+                 AS deliveries_stopped \
+             FROM control_plane.webhook_delivery_attempts a \
+             JOIN control_plane.webhook_deliveries d ON d.id = a.delivery_id \
+             JOIN control_plane.webhooks w ON w.id = a.webhook_id \
+             WHERE a.delivery_id = $1 AND a.attempt_number = $2",
+        )
+        .bind(delivery_id)
+        .bind(attempt as i32)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// The deliveries of an event that its first attempt ended (`permanently_failed`, or
+    /// `disabled` with its webhook): for an event message handled again, whose first
+    /// processing may have died before publishing what those attempts caused.
+    pub async fn ended_by_first_attempt(&self, event_id: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT id FROM control_plane.webhook_deliveries WHERE event_id = $1 \
+               AND attempts = 1 AND status IN ('permanently_failed', 'disabled')",
+        )
+        .bind(event_id)
+        .fetch_all(&self.pool)
+        .await
+    }
+
     /// Reads the webhook row again, for an attempt that waited for capacity: every attempt
     /// uses the row as it was at most 2 seconds before it started.
     pub async fn webhook(&self, id: Uuid) -> Result<Option<WebhookRow>, sqlx::Error> {
@@ -565,13 +650,22 @@ async fn update_webhook(
     .bind(job.webhook.id)
     .fetch_one(&mut **tx)
     .await?;
-    // The trigger stops those deliveries in this same transaction.
+    // The trigger stops those deliveries in this same transaction. The attempt row keeps
+    // that it did this (see `attempt_facts`).
     sqlx::query(
         "UPDATE control_plane.webhooks SET disabled = true, disabled_at = now(), \
            disabled_reason = $2 WHERE id = $1",
     )
     .bind(job.webhook.id)
     .bind(&reason)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE control_plane.webhook_delivery_attempts SET disabled_webhook_at = now() \
+         WHERE delivery_id = $1 AND attempt_number = $2",
+    )
+    .bind(job.delivery_id)
+    .bind(job.attempt as i32)
     .execute(&mut **tx)
     .await?;
     Ok(Some(stopped.max(0) as u64))

@@ -195,6 +195,28 @@ impl TestEnv {
         .await;
     }
 
+    /// Takes `n` messages from the work queue and drops the connection without
+    /// acknowledging them, as a worker that died or lost its connection would: the broker
+    /// delivers them again, marked redelivered.
+    pub async fn take_and_lose(&self, n: usize) {
+        use futures_util::StreamExt;
+        let conn = self.amqp().await;
+        let channel = conn.create_channel().await.unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                topology::WORK_QUEUE.into(),
+                "lost".into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        for _ in 0..n {
+            consumer.next().await.unwrap().unwrap();
+        }
+        conn.close(320, "connection lost".into()).await.unwrap();
+    }
+
     /// Takes every message now in `webhook.events.dead`: (body, x-error).
     pub async fn dead_letters(&self) -> Vec<(Vec<u8>, String)> {
         let conn = self.amqp().await;

@@ -7,6 +7,7 @@ mod crash;
 mod delivery;
 mod events;
 mod metrics;
+mod notifications;
 mod ops;
 mod process;
 mod receivers;

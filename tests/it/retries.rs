@@ -97,8 +97,6 @@ async fn a_malformed_retry_message_is_dead_lettered() {
 /// it over, and takes nothing over that was recorded meanwhile.
 #[tokio::test]
 async fn a_redelivered_retry_waits_for_the_attempt_under_way() {
-    use futures_util::StreamExt;
-
     let env = TestEnv::new().await;
     let rx = crate::harness::Receiver::start().await;
     env.declare_topology().await;
@@ -139,23 +137,7 @@ async fn a_redelivered_retry_waits_for_the_attempt_under_way() {
         deliveries.push((hook, delivery));
     }
     // That process's consumer takes both messages, then its connection drops.
-    let conn = lapin::Connection::connect(&env.amqp_url, Default::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            topology::WORK_QUEUE.into(),
-            "gone".into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    for _ in 0..2 {
-        consumer.next().await.unwrap().unwrap();
-    }
-    conn.close(320, "connection lost".into()).await.unwrap();
+    env.take_and_lose(2).await;
 
     let started = std::time::Instant::now();
     let worker = env.start_worker(&["--delivery-timeout", "1s"]).await;
