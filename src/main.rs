@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use webhook_worker::cli::{self, Cli};
+use webhook_worker::cli::{self, Cli, Command};
 use webhook_worker::telemetry;
 
 #[tokio::main]
@@ -14,10 +14,15 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The worker's error also goes to its log (JSON for a log pipeline); a command's only to
+    // the terminal.
+    let service = matches!(cli.command, None | Some(Command::Run));
     let code = match cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            if service {
+                tracing::error!("{e:#}");
+            }
             eprintln!("webhook-worker: {e:#}");
             ExitCode::FAILURE
         }

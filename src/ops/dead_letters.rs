@@ -88,11 +88,14 @@ pub struct DeadLetter {
 
 pub async fn run(command: DeadLettersCommand, config: &Config, out: Output) -> anyhow::Result<()> {
     let conn = super::amqp(config).await?;
+    let channel = conn.create_channel().await?;
     let result = match command {
-        DeadLettersCommand::List { limit } => list(&conn, limit, out).await,
-        DeadLettersCommand::Show { reference } => show(&conn, &reference, out).await,
-        DeadLettersCommand::Requeue(args) => requeue(&conn, args, out).await,
+        DeadLettersCommand::List { limit } => list(&channel, limit, out).await,
+        DeadLettersCommand::Show { reference } => show(&channel, &reference, out).await,
+        DeadLettersCommand::Requeue(args) => requeue(&conn, &channel, args, out).await,
     };
+    // Closed in order: a channel dropped while its connection closes makes lapin log an error.
+    let _ = channel.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;
     result
 }
@@ -243,10 +246,9 @@ fn value_json(value: &AMQPValue) -> Value {
     }
 }
 
-async fn list(conn: &lapin::Connection, limit: u32, out: Output) -> anyhow::Result<()> {
-    let channel = conn.create_channel().await?;
-    let (letters, total) = browse(&channel, limit).await?;
-    give_back(&channel, &letters).await?;
+async fn list(channel: &Channel, limit: u32, out: Output) -> anyhow::Result<()> {
+    let (letters, total) = browse(channel, limit).await?;
+    give_back(channel, &letters).await?;
     out.emit(&letters, || {
         let mut table = Table::new(&["REFERENCE", "ROUTING KEY", "ERROR", "BODY"]);
         for l in &letters {
@@ -262,10 +264,9 @@ async fn list(conn: &lapin::Connection, limit: u32, out: Output) -> anyhow::Resu
     })
 }
 
-async fn show(conn: &lapin::Connection, reference: &str, out: Output) -> anyhow::Result<()> {
-    let channel = conn.create_channel().await?;
-    let (letters, _) = browse(&channel, u32::MAX).await?;
-    give_back(&channel, &letters).await?;
+async fn show(channel: &Channel, reference: &str, out: Output) -> anyhow::Result<()> {
+    let (letters, _) = browse(channel, u32::MAX).await?;
+    give_back(channel, &letters).await?;
     let matching: Vec<&DeadLetter> = letters
         .iter()
         .filter(|l| l.reference == reference)
@@ -294,8 +295,12 @@ async fn show(conn: &lapin::Connection, reference: &str, out: Output) -> anyhow:
     })
 }
 
-async fn requeue(conn: &lapin::Connection, args: RequeueArgs, out: Output) -> anyhow::Result<()> {
-    let channel = conn.create_channel().await?;
+async fn requeue(
+    conn: &lapin::Connection,
+    channel: &Channel,
+    args: RequeueArgs,
+    out: Output,
+) -> anyhow::Result<()> {
     let publisher = Publisher::open(conn).await.context("opening a channel")?;
     let (letters, _) = browse(&channel, u32::MAX).await?;
     let chosen: Vec<&DeadLetter> = letters
