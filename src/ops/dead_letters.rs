@@ -302,7 +302,7 @@ async fn requeue(
     out: Output,
 ) -> anyhow::Result<()> {
     let publisher = Publisher::open(conn).await.context("opening a channel")?;
-    let (letters, _) = browse(&channel, u32::MAX).await?;
+    let (letters, _) = browse(channel, u32::MAX).await?;
     let chosen: Vec<&DeadLetter> = letters
         .iter()
         .filter(|l| args.all || args.references.contains(&l.reference))
@@ -326,13 +326,13 @@ async fn requeue(
         }
         let mut requeued = Vec::new();
         for letter in &chosen {
-            republish(&channel, &publisher, letter).await?;
+            republish(channel, &publisher, letter).await?;
             requeued.push(letter.reference.clone());
         }
         Ok(requeued)
     }
     .await;
-    give_back(&channel, &letters).await?;
+    give_back(channel, &letters).await?;
     let requeued = result?;
     out.emit(&serde_json::json!({ "requeued": requeued }), || {
         println!(
