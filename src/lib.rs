@@ -38,6 +38,7 @@ pub mod store;
 pub mod telemetry;
 pub mod topology;
 pub mod webhook;
+pub mod webhook_limit;
 pub mod worker;
 
 pub use config::Config;

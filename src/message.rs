@@ -16,6 +16,14 @@ pub struct RetryTask {
     pub v: u8,
     pub delivery_id: Uuid,
     pub attempt: u32,
+    /// How many times this attempt was parked because its webhook was busy
+    /// (`MAX_IN_FLIGHT_PER_WEBHOOK`); absent when never.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub parked: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl RetryTask {
@@ -24,6 +32,15 @@ impl RetryTask {
             v: 1,
             delivery_id,
             attempt,
+            parked: 0,
+        }
+    }
+
+    /// The same attempt again later: its webhook was busy.
+    pub fn parked(delivery_id: Uuid, attempt: u32, times: u32) -> Self {
+        RetryTask {
+            parked: times,
+            ..RetryTask::new(delivery_id, attempt)
         }
     }
 

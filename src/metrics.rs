@@ -58,6 +58,7 @@ pub struct Metrics {
     retries: Family<DelayLabel, Counter>,
     disabled: Family<ReasonLabel, Counter>,
     operational: Family<EventTypeLabel, Counter>,
+    parked: Counter,
 }
 
 impl Default for Metrics {
@@ -125,6 +126,12 @@ impl Metrics {
             "Operational events published (confirmed), by type; one published again after a crash counts again",
             operational.clone(),
         );
+        let parked = Counter::default();
+        registry.register(
+            "deliveries_parked",
+            "Deliveries put back into RabbitMQ for a while because their webhook had MAX_IN_FLIGHT_PER_WEBHOOK attempts under way",
+            parked.clone(),
+        );
         Metrics {
             registry,
             consumed,
@@ -136,6 +143,7 @@ impl Metrics {
             retries,
             disabled,
             operational,
+            parked,
         }
     }
 
@@ -190,6 +198,10 @@ impl Metrics {
     pub fn retry_scheduled(&self, delay: Duration) {
         let delay = humantime::format_duration(delay).to_string();
         self.retries.get_or_create(&DelayLabel { delay }).inc();
+    }
+
+    pub fn parked(&self) {
+        self.parked.inc();
     }
 
     pub fn webhook_disabled(&self, gone: bool) {

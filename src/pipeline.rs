@@ -29,6 +29,7 @@ use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
 use crate::store::{DeliveryStatus, DisablePolicy, Job, NoClaim, Recorded, ScheduledRetry, Store};
 use crate::telemetry;
 use crate::topology::{self, header_str};
+use crate::webhook_limit::PerWebhook;
 
 /// What becomes of a message once handled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,18 @@ enum Failure {
     Unavailable(String),
     /// Postgres refused the data itself; processing it again would fail again.
     Refused(String),
+}
+
+/// What became of a claimed delivery's turn to be sent.
+enum Sent {
+    /// The request was made, or refused: its result, to decide and record.
+    Attempted(Job, DateTime<Utc>, AttemptResult),
+    /// No attempt: the webhook was deleted (its deliveries with it) or is disabled (the
+    /// delivery stops).
+    Skipped,
+    /// Its webhook had `MAX_IN_FLIGHT_PER_WEBHOOK` attempts under way for [`PARK_AFTER`]:
+    /// the delivery waits in RabbitMQ instead of in this process.
+    Busy(Job),
 }
 
 impl From<PublishError> for Failure {
@@ -84,6 +97,8 @@ pub struct Pipeline {
     pub http: reqwest::Client,
     /// `MAX_IN_FLIGHT`: a permit per HTTP attempt.
     pub in_flight: Arc<Semaphore>,
+    /// `MAX_IN_FLIGHT_PER_WEBHOOK`: a permit per attempt to one webhook.
+    per_webhook: PerWebhook,
     pub metrics: Arc<Metrics>,
     /// When an outage was last reported, so that hundreds of waiting messages make one
     /// warning every few seconds, not one each.
@@ -93,6 +108,11 @@ pub struct Pipeline {
 /// Re-read the webhook row when an attempt waited this long for capacity, so that no
 /// attempt uses a row older than CONTRACT §2 allows.
 const STALE_ROW: Duration = Duration::from_secs(1);
+
+/// How long a delivery waits for a place with its busy webhook before it is parked. Long
+/// enough that a fast webhook's burst just queues here; short enough that a hung one's
+/// deliveries do not hold their messages (and the prefetch) for long.
+const PARK_AFTER: Duration = Duration::from_millis(500);
 
 /// Tries of a retry message's publish the broker refuses on a live channel.
 const PUBLISH_TRIES: u32 = 5;
@@ -112,11 +132,13 @@ impl Pipeline {
         metrics: Arc<Metrics>,
     ) -> Pipeline {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight as usize));
+        let per_webhook = PerWebhook::new(config.max_in_flight_per_webhook);
         Pipeline {
             config,
             store,
             http,
             in_flight,
+            per_webhook,
             metrics,
             outage_reported: Mutex::new(None),
         }
@@ -230,7 +252,13 @@ impl Pipeline {
             claim = claim_it(true).await?.0;
         }
         match claim {
-            Ok(job) => self.attempt(job, session).await?,
+            Ok(job) => {
+                let job = Job {
+                    parked: task.parked,
+                    ..job
+                };
+                self.attempt(job, session).await?
+            }
             Err(state) => {
                 // This message made attempt N and then lost track (the broker gave it
                 // again): the retry it scheduled may not exist, so schedule it again. A
@@ -258,8 +286,10 @@ impl Pipeline {
             webhook_id = %job.webhook.id, attempt = job.attempt);
         span.set_attribute("event_id", job.event.id.to_string());
         async {
-            let Some((job, started_at, result)) = self.send(job, session).await? else {
-                return Ok(()); // no attempt: the webhook is gone or disabled
+            let (job, started_at, result) = match self.send(job, session).await? {
+                Sent::Attempted(job, started_at, result) => (job, started_at, result),
+                Sent::Skipped => return Ok(()),
+                Sent::Busy(job) => return self.park(&job, session).await,
             };
             self.metrics.attempt(result.error_type(), result.duration);
             telemetry::record_result(&Span::current(), &result, "error_type");
@@ -316,15 +346,15 @@ impl Pipeline {
         .await
     }
 
-    /// Waits for an HTTP slot and makes the request, or refuses it: a row that cannot be
-    /// used or a blocked destination is a failed attempt too. `None`, with no attempt, when
-    /// the webhook was deleted (its deliveries with it) or is disabled (the delivery stops).
-    async fn send(
-        &self,
-        mut job: Job,
-        session: &Session,
-    ) -> Result<Option<(Job, DateTime<Utc>, AttemptResult)>, Failure> {
+    /// Waits for a place with the webhook and an HTTP slot and makes the request, or
+    /// refuses it: a row that cannot be used or a blocked destination is a failed attempt
+    /// too.
+    async fn send(&self, mut job: Job, session: &Session) -> Result<Sent, Failure> {
         let waiting = Instant::now();
+        let Some(_webhook_permit) = self.per_webhook.acquire(job.webhook.id, PARK_AFTER).await
+        else {
+            return Ok(Sent::Busy(job));
+        };
         // A session that ended meanwhile (lost, or stopping): the broker will give this
         // message to another process, so no request may start for it here.
         let _permit = tokio::select! {
@@ -340,7 +370,7 @@ impl Pipeline {
                 .await?
             {
                 Some(row) => job.webhook = row,
-                None => return Ok(None),
+                None => return Ok(Sent::Skipped),
             }
         }
         if job.webhook.disabled {
@@ -349,7 +379,7 @@ impl Pipeline {
             })
             .await?;
             self.metrics.finished(DeliveryStatus::Disabled, None);
-            return Ok(None);
+            return Ok(Sent::Skipped);
         }
         let started_at = Utc::now();
         let target = job.webhook.target().and_then(|target| {
@@ -373,7 +403,28 @@ impl Pipeline {
                 http::send(&self.http, &target, &msg, self.config.delivery_timeout).await
             }
         };
-        Ok(Some((job, started_at, result)))
+        Ok(Sent::Attempted(job, started_at, result))
+    }
+
+    /// Gives a claimed delivery back and has RabbitMQ bring it back later, as its webhook is
+    /// busy. Given back first (as it was before the claim) and published second, so that
+    /// the parked message can always claim it; if the publish fails, the message that
+    /// claimed it comes back and finds it claimable again.
+    async fn park(&self, job: &Job, session: &Session) -> Result<(), Failure> {
+        Span::current().set_attribute("parked", true);
+        let released = self
+            .db("parking the delivery", || {
+                self.store.unclaim(job.delivery_id, job.attempt)
+            })
+            .await?;
+        if released {
+            let task = RetryTask::parked(job.delivery_id, job.attempt, job.parked + 1);
+            let queue = topology::park_queue(job.parked);
+            self.publish_task(session, &queue, task).await?;
+            self.metrics.parked();
+            debug!(queue, "webhook busy: delivery parked");
+        }
+        Ok(())
     }
 
     /// If attempt `attempt` of the delivery is recorded as failed with a retry due, makes

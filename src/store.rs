@@ -72,6 +72,8 @@ pub struct Job {
     /// Attempts the delivery had when it was last replayed (0 if never): the retry
     /// schedule counts from there.
     pub attempts_before_replay: u32,
+    /// Times this attempt was parked because its webhook was busy.
+    pub parked: u32,
     pub webhook: WebhookRow,
     pub event: Arc<StoredEvent>,
 }
@@ -401,11 +403,29 @@ impl Store {
                 delivery_id,
                 attempt,
                 attempts_before_replay: row.attempts_before_replay.max(0) as u32,
+                parked: 0,
                 webhook: row.webhook,
                 event: Arc::new(row.event),
             }));
         }
         Ok(Err(self.state(delivery_id).await?))
+    }
+
+    /// Gives back a claim that made no request (its webhook was busy): `pending` or
+    /// `failed` again, as before the claim, for the parked message to claim. False when the
+    /// delivery moved on meanwhile.
+    pub async fn unclaim(&self, delivery_id: Uuid, attempt: u32) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE control_plane.webhook_deliveries \
+             SET status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'failed' END, \
+                 updated_at = now() \
+             WHERE id = $1 AND status = 'delivering' AND attempts = $2 - 1",
+        )
+        .bind(delivery_id)
+        .bind(attempt as i32)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Where a delivery stands, for a message that could not claim it.
@@ -677,6 +697,7 @@ fn jobs(rows: Vec<(Uuid, WebhookRow)>, attempt: u32, event: Arc<StoredEvent>) ->
             delivery_id,
             attempt,
             attempts_before_replay: 0,
+            parked: 0,
             webhook,
             event: event.clone(),
         })

@@ -1,5 +1,5 @@
 //! The AMQP topology of CONTRACT §1 and §3: the events exchange, the work queue, the dead
-//! letter queue and one delay queue per distinct retry delay. Declared idempotently at
+//! letter queue and one delay queue per distinct retry (or parking) delay. Declared idempotently at
 //! start-up; a queue that exists with other arguments stops the process with the difference.
 
 use std::time::Duration;
@@ -23,6 +23,21 @@ pub const BROKER_DELIVERY_LIMIT: i64 = 20;
 /// The delay queue for one retry delay: `webhook.retry.<ms>`.
 pub fn retry_queue(delay: Duration) -> String {
     format!("webhook.retry.{}", delay.as_millis())
+}
+
+/// How long a delivery whose webhook is busy waits in RabbitMQ, by how many times it was
+/// parked already: soon at first, then less often, so that a hung endpoint's backlog
+/// costs the broker little. These share the delay queues with the retry schedule.
+pub const PARK_DELAYS: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+];
+
+/// The delay queue for a delivery parked `times` times before.
+pub fn park_queue(times: u32) -> String {
+    let tier = (times as usize).min(PARK_DELAYS.len() - 1);
+    retry_queue(PARK_DELAYS[tier])
 }
 
 /// A declaration the broker refused, most often a queue that exists with other arguments.
@@ -97,7 +112,11 @@ pub async fn declare(
     .map_err(|e| TopologyError::from_lapin(WORK_QUEUE, e))?;
     let _ = work.close(200, "declared".into()).await;
 
-    for delay in schedule.tiers() {
+    let mut delays = schedule.tiers();
+    delays.extend(PARK_DELAYS);
+    delays.sort();
+    delays.dedup();
+    for delay in delays {
         let name = retry_queue(delay);
         let channel = declare_queue(conn, &name, retry_queue_args(queue_type, delay)).await?;
         let _ = channel.close(200, "declared".into()).await;

@@ -6,6 +6,7 @@ mod harness;
 mod crash;
 mod delivery;
 mod events;
+mod limits;
 mod metrics;
 mod notifications;
 mod ops;

@@ -1,0 +1,72 @@
+//! `MAX_IN_FLIGHT_PER_WEBHOOK`: a hung webhook holds no more than its share of attempts,
+//! its excess deliveries wait in RabbitMQ, and the other webhooks go on meanwhile.
+
+use std::time::Duration;
+
+use crate::harness::{Receiver, Reply, TestEnv, WebhookSpec, event};
+
+#[tokio::test]
+async fn a_hung_webhook_takes_its_share_and_its_excess_is_parked_not_lost() {
+    let env = TestEnv::new().await;
+    let rx = Receiver::start().await;
+    let hung = env
+        .add_webhook(WebhookSpec::new(
+            "p",
+            "t",
+            &rx.url("hung", vec![Reply::Hold]),
+        ))
+        .await;
+    let healthy = env
+        .add_webhook(WebhookSpec::new(
+            "p",
+            "t",
+            &rx.url("ok", vec![Reply::Status(204)]),
+        ))
+        .await;
+    let worker = env
+        .start_worker(&["--max-in-flight-per-webhook", "2", "--max-in-flight", "8"])
+        .await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let (id, body) = event("p", "t", serde_json::json!({ "n": n }));
+        env.publish(&body).await;
+        ids.push(id);
+    }
+
+    // The healthy webhook gets all six while the hung one holds two requests.
+    for id in &ids {
+        env.wait_for_status(healthy, *id, &["delivered"], Duration::from_secs(10))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        rx.seen("hung").len(),
+        2,
+        "at most 2 attempts to one webhook"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", worker.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let parked: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("webhook_worker_deliveries_parked_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("the parked counter");
+    assert!(parked >= 4, "the other four wait in RabbitMQ: {parked}");
+
+    // Once it answers, every parked delivery comes back and is delivered once.
+    rx.release();
+    for id in &ids {
+        let d = env
+            .wait_for_status(hung, *id, &["delivered"], Duration::from_secs(30))
+            .await;
+        assert_eq!(d.attempts, 1, "parking is not an attempt");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.seen("hung").len(), 6, "one request per delivery");
+    assert_eq!(rx.seen("ok").len(), 6);
+    worker.stop().await.unwrap();
+}
