@@ -613,7 +613,10 @@ impl Store {
 }
 
 /// Counts the attempt on the webhook unless the webhook was disabled or re-enabled since
-/// the row the attempt used was read, and disables it when the policy says so. Returns, when it disabled it,
+/// the row the attempt used was read, and disables it when the policy says so. A success
+/// that changes nothing but `last_delivery_at`, within a second of the last one written,
+/// leaves the row alone: otherwise every delivery to a busy webhook would queue on its
+/// row lock until the one before it committed. Returns, when it disabled it,
 /// how many other deliveries it stopped.
 async fn update_webhook(
     tx: &mut Transaction<'_, Postgres>,
@@ -630,6 +633,8 @@ async fn update_webhook(
            last_delivery_at = CASE WHEN $2 THEN now() ELSE last_delivery_at END, \
            last_failure_at = CASE WHEN $2 THEN last_failure_at ELSE now() END \
          WHERE id = $1 AND NOT disabled AND disabled_changed_at = $3 \
+           AND NOT ($2 AND consecutive_failures = 0 AND failing_since IS NULL \
+                    AND coalesce(last_delivery_at > now() - interval '1 second', false)) \
          RETURNING consecutive_failures, \
            EXTRACT(EPOCH FROM now() - failing_since)::float8",
     )
