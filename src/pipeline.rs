@@ -289,7 +289,7 @@ impl Pipeline {
             let (job, started_at, result) = match self.send(job, session).await? {
                 Sent::Attempted(job, started_at, result) => (job, started_at, result),
                 Sent::Skipped => return Ok(()),
-                Sent::Busy(job) => return self.park(&job, session).await,
+                Sent::Busy(job) => return Box::pin(self.park(&job, session)).await,
             };
             self.metrics.attempt(result.error_type(), result.duration);
             telemetry::record_result(&Span::current(), &result, "error_type");
@@ -300,8 +300,10 @@ impl Pipeline {
             );
             let (recorded, retried) = self
                 .db_retried("recording the attempt", || {
-                    self.store
-                        .record(&job, started_at, &result, outcome, self.policy())
+                    Box::pin(
+                        self.store
+                            .record(&job, started_at, &result, outcome, self.policy()),
+                    )
                 })
                 .await?;
             log_attempt(&result, outcome, recorded);
@@ -314,8 +316,7 @@ impl Pipeline {
                     // operational events exist.
                     self.ensure_next_attempt(job.delivery_id, job.attempt, session)
                         .await?;
-                    self.notify_operators(job.delivery_id, job.attempt, session)
-                        .await?;
+                    Box::pin(self.notify_operators(job.delivery_id, job.attempt, session)).await?;
                 }
                 return Ok(());
             };
@@ -337,8 +338,7 @@ impl Pipeline {
                 _ => self.metrics.finished(status, None),
             }
             if stopped.is_some() || status == DeliveryStatus::PermanentlyFailed {
-                self.notify_operators(job.delivery_id, job.attempt, session)
-                    .await?;
+                Box::pin(self.notify_operators(job.delivery_id, job.attempt, session)).await?;
             }
             Ok(())
         }
@@ -400,7 +400,15 @@ impl Pipeline {
                     body: &body,
                 };
                 let _counted = self.metrics.in_flight();
-                http::send(&self.http, &target, &msg, self.config.delivery_timeout).await
+                // Boxed, like the other large steps below: a future is as large as its
+                // largest step, and a fan-out holds thousands waiting for a permit.
+                Box::pin(http::send(
+                    &self.http,
+                    &target,
+                    &msg,
+                    self.config.delivery_timeout,
+                ))
+                .await
             }
         };
         Ok(Sent::Attempted(job, started_at, result))
@@ -544,10 +552,13 @@ impl Pipeline {
     ) -> Result<(), Failure> {
         let mut pause = Duration::from_millis(250);
         for _ in 0..PUBLISH_TRIES - 1 {
-            match session
-                .publisher
-                .publish(exchange, routing_key, body, properties.clone())
-                .await
+            match Box::pin(session.publisher.publish(
+                exchange,
+                routing_key,
+                body,
+                properties.clone(),
+            ))
+            .await
             {
                 Ok(()) => return Ok(()),
                 Err(PublishError::Broker(e)) => return Err(PublishError::Broker(e).into()),
@@ -563,10 +574,12 @@ impl Pipeline {
             }
             pause *= 2;
         }
-        session
-            .publisher
-            .publish(exchange, routing_key, body, properties)
-            .await?;
+        Box::pin(
+            session
+                .publisher
+                .publish(exchange, routing_key, body, properties),
+        )
+        .await?;
         Ok(())
     }
 
