@@ -255,32 +255,19 @@ impl Store {
     /// transaction. `None` when the id is already stored: nothing is written.
     pub async fn store_event(&self, event: &Event) -> Result<Option<Vec<Job>>, sqlx::Error> {
         let received_at = Utc::now().trunc_subsecs(6);
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO control_plane.events \
-               (id, project_id, event_type, data, occurred_at, traceparent, tracestate, \
-                received_at) \
-             VALUES ($1, $2, $3, $4::json, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(event.id)
-        .bind(&event.project_id)
-        .bind(&event.event_type)
-        .bind(event.data.get())
-        .bind(event.occurred_at)
-        .bind(&event.trace.traceparent)
-        .bind(&event.trace.tracestate)
-        .bind(received_at)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(None);
-        }
+        // One statement, so one round trip and its own transaction: the deliveries are
+        // inserted only if the event is.
         let rows: Vec<(Uuid, WebhookRow)> = sqlx::query_as::<_, DeliveryWebhook>(concat!(
-            "WITH ins AS ( \
+            "WITH e AS ( \
+               INSERT INTO control_plane.events \
+                 (id, project_id, event_type, data, occurred_at, traceparent, tracestate, \
+                  received_at) \
+               VALUES ($1, $2, $3, $4::json, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING \
+               RETURNING id), \
+             ins AS ( \
                INSERT INTO control_plane.webhook_deliveries \
                  (webhook_id, event_id, project_id, event_type, status) \
-               SELECT w.id, $1, $2, $3, 'delivering' FROM control_plane.webhooks w \
+               SELECT w.id, e.id, $2, $3, 'delivering' FROM e, control_plane.webhooks w \
                WHERE w.project_id = $2 AND NOT w.disabled \
                  AND (w.event_type = $3 OR w.event_type = '*') \
                RETURNING id, webhook_id) \
@@ -292,12 +279,31 @@ impl Store {
         .bind(event.id)
         .bind(&event.project_id)
         .bind(&event.event_type)
-        .fetch_all(&mut *tx)
+        .bind(event.data.get())
+        .bind(event.occurred_at)
+        .bind(&event.trace.traceparent)
+        .bind(&event.trace.tracestate)
+        .bind(received_at)
+        .fetch_all(&self.pool)
         .await?
         .into_iter()
         .map(|r| (r.delivery_id, r.webhook))
         .collect();
-        tx.commit().await?;
+        // No delivery: either no webhook matches, or the event id was stored before. Our
+        // own receipt time, to the microsecond, tells which.
+        if rows.is_empty() {
+            let ours: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM control_plane.events \
+                 WHERE id = $1 AND received_at = $2)",
+            )
+            .bind(event.id)
+            .bind(received_at)
+            .fetch_one(&self.pool)
+            .await?;
+            if !ours {
+                return Ok(None);
+            }
+        }
         let stored = Arc::new(StoredEvent {
             id: event.id,
             event_type: event.event_type.clone(),
@@ -534,8 +540,13 @@ impl Store {
         outcome: Outcome,
         policy: DisablePolicy,
     ) -> Result<Recorded, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
         let duration_ms = i32::try_from(result.duration.as_millis()).unwrap_or(i32::MAX);
+        if outcome == Outcome::Delivered {
+            return self
+                .record_delivered(job, started_at, result, duration_ms)
+                .await;
+        }
+        let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO control_plane.webhook_delivery_attempts \
                (delivery_id, webhook_id, attempt_number, started_at, duration_ms, \
@@ -609,6 +620,63 @@ impl Store {
             status: DeliveryStatus::parse(&final_status).unwrap_or(status),
             stopped,
         })
+    }
+
+    /// [`Store::record`] for a success, the common case, in one statement (one round trip
+    /// and its own transaction): the attempt row, the webhook's counter reset (skipped when
+    /// there is nothing to reset, as in `update_webhook`) and the delivery, the latter two
+    /// only if the attempt row is new. A success never disables anything.
+    async fn record_delivered(
+        &self,
+        job: &Job,
+        started_at: DateTime<Utc>,
+        result: &AttemptResult,
+        duration_ms: i32,
+    ) -> Result<Recorded, sqlx::Error> {
+        let recorded: Result<(i64,), sqlx::Error> = sqlx::query_as(
+            "WITH a AS ( \
+               INSERT INTO control_plane.webhook_delivery_attempts \
+                 (delivery_id, webhook_id, attempt_number, started_at, duration_ms, \
+                  http_status_code, response_body, succeeded) \
+               VALUES ($1, $2, $3, $4, $5, $6, $7, true) \
+               ON CONFLICT (delivery_id, attempt_number) DO NOTHING RETURNING 1), \
+             w AS ( \
+               UPDATE control_plane.webhooks SET consecutive_failures = 0, \
+                 failing_since = NULL, last_delivery_at = now() \
+               WHERE id = $2 AND EXISTS (SELECT 1 FROM a) \
+                 AND NOT disabled AND disabled_changed_at = $8 \
+                 AND NOT (consecutive_failures = 0 AND failing_since IS NULL \
+                   AND coalesce(last_delivery_at > now() - interval '1 second', false))), \
+             d AS ( \
+               UPDATE control_plane.webhook_deliveries SET status = 'delivered', \
+                 attempts = $3, http_status_code = $6, response_body = $7, \
+                 error_type = NULL, error_message = NULL, duration_ms = $5, \
+                 next_retry_at = NULL, delivered_at = now(), updated_at = now() \
+               WHERE id = $1 AND EXISTS (SELECT 1 FROM a)) \
+             SELECT count(*) FROM a",
+        )
+        .bind(job.delivery_id)
+        .bind(job.webhook.id)
+        .bind(job.attempt as i32)
+        .bind(started_at)
+        .bind(duration_ms)
+        .bind(result.status.map(i32::from))
+        .bind(result.body.as_deref())
+        .bind(job.webhook.disabled_changed_at)
+        .fetch_one(&self.pool)
+        .await;
+        match recorded {
+            Ok((1,)) => Ok(Recorded::Status {
+                status: DeliveryStatus::Delivered,
+                stopped: None,
+            }),
+            Ok(_) => Ok(Recorded::Superseded),
+            // The delivery was deleted with its webhook meanwhile.
+            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                Ok(Recorded::Superseded)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
