@@ -410,7 +410,18 @@ const WORKER_VARS: &[&str] = &[
 impl Worker {
     fn start(env: &Env, extra: &[(&str, &str)]) -> anyhow::Result<Worker> {
         let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut cmd = Command::new(BIN);
+        // BENCH_WORKER_WRAPPER runs the worker under another program, e.g.
+        // `valgrind --tool=massif` for a heap profile.
+        let wrapper = std::env::var("BENCH_WORKER_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(program) => {
+                let mut cmd = Command::new(program);
+                cmd.args(words).arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("run");
         for var in WORKER_VARS {
             cmd.env_remove(var);

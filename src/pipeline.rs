@@ -61,8 +61,8 @@ enum Sent {
     /// No attempt: the webhook was deleted (its deliveries with it) or is disabled (the
     /// delivery stops).
     Skipped,
-    /// Its webhook had `MAX_IN_FLIGHT_PER_WEBHOOK` attempts under way for [`PARK_AFTER`]:
-    /// the delivery waits in RabbitMQ instead of in this process.
+    /// Its webhook had `MAX_IN_FLIGHT_PER_WEBHOOK` attempts under way and finished none
+    /// for [`PARK_AFTER`]: the delivery waits in RabbitMQ instead of in this process.
     Busy(Job),
 }
 
@@ -109,9 +109,9 @@ pub struct Pipeline {
 /// attempt uses a row older than CONTRACT §2 allows.
 const STALE_ROW: Duration = Duration::from_secs(1);
 
-/// How long a delivery waits for a place with its busy webhook before it is parked. Long
-/// enough that a fast webhook's burst just queues here; short enough that a hung one's
-/// deliveries do not hold their messages (and the prefetch) for long.
+/// How long a webhook may give back no place to a waiting delivery before that delivery
+/// is parked: a fast webhook's burst just queues here, while a hung one's deliveries do
+/// not hold their messages (and the prefetch) for long.
 const PARK_AFTER: Duration = Duration::from_millis(500);
 
 /// Tries of a retry message's publish the broker refuses on a live channel.

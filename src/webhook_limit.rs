@@ -1,19 +1,25 @@
 //! `MAX_IN_FLIGHT_PER_WEBHOOK`: how many attempts one webhook may have under way in this
 //! process, so that one slow or hung endpoint cannot take all of `MAX_IN_FLIGHT`. A
-//! delivery that finds its webhook busy for a while is parked in RabbitMQ (the pipeline
-//! does that), not held in the process.
+//! delivery whose webhook makes no progress for a while is parked in RabbitMQ (the
+//! pipeline does that), not held in the process.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-type Slots = Arc<Mutex<HashMap<Uuid, Arc<Semaphore>>>>;
+type Slots = Arc<Mutex<HashMap<Uuid, Arc<Entry>>>>;
 
-/// One semaphore per webhook with attempts under way; a webhook's entry goes when its
-/// last permit does, so the map holds only busy webhooks.
+/// A busy webhook: its places, and when one was last given back (its progress).
+struct Entry {
+    places: Arc<Semaphore>,
+    last_release: Mutex<Instant>,
+}
+
+/// One entry per webhook with attempts under way or waiting; a webhook's entry goes when
+/// its last permit does, so the map holds only busy webhooks.
 pub struct PerWebhook {
     max: usize,
     slots: Slots,
@@ -22,6 +28,7 @@ pub struct PerWebhook {
 /// A place for one attempt to a webhook, given back when dropped.
 pub struct WebhookPermit {
     webhook_id: Uuid,
+    entry: Arc<Entry>,
     permit: Option<OwnedSemaphorePermit>,
     slots: Slots,
 }
@@ -34,32 +41,45 @@ impl PerWebhook {
         }
     }
 
-    /// A place for an attempt to `webhook_id`, waiting at most `patience` for one; `None`
-    /// when the webhook stayed busy that long.
+    /// A place for an attempt to `webhook_id`. Waits as long as the webhook makes progress
+    /// (a place was given back within `patience`): a fast webhook's burst just queues.
+    /// `None` when it gave back no place for `patience` while this waited: it is slow or
+    /// hung, and the delivery should wait elsewhere.
     pub async fn acquire(&self, webhook_id: Uuid, patience: Duration) -> Option<WebhookPermit> {
-        let semaphore = {
+        let entry = {
             let mut slots = self.slots.lock().expect("never poisoned");
             let max = self.max;
             slots
                 .entry(webhook_id)
-                .or_insert_with(|| Arc::new(Semaphore::new(max)))
+                .or_insert_with(|| {
+                    Arc::new(Entry {
+                        places: Arc::new(Semaphore::new(max)),
+                        last_release: Mutex::new(Instant::now()),
+                    })
+                })
                 .clone()
         };
-        let acquired = match semaphore.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => tokio::time::timeout(patience, semaphore.clone().acquire_owned())
-                .await
-                .ok()
-                .map(|permit| permit.expect("the semaphore is never closed")),
-        };
-        let permit = WebhookPermit {
+        let mut permit = WebhookPermit {
             webhook_id,
-            permit: acquired,
+            entry,
+            permit: None,
             slots: self.slots.clone(),
         };
-        drop(semaphore);
-        // Dropping a permit that did not get a place still tidies the map.
-        permit.permit.is_some().then_some(permit)
+        let places = permit.entry.places.clone();
+        loop {
+            match tokio::time::timeout(patience, places.clone().acquire_owned()).await {
+                Ok(acquired) => {
+                    permit.permit = Some(acquired.expect("the semaphore is never closed"));
+                    return Some(permit);
+                }
+                Err(_) => {
+                    let last = *permit.entry.last_release.lock().expect("never poisoned");
+                    if last.elapsed() >= patience {
+                        return None; // dropping `permit` tidies the map
+                    }
+                }
+            }
+        }
     }
 
     /// Webhooks with attempts under way or waiting (for tests and metrics).
@@ -70,12 +90,16 @@ impl PerWebhook {
 
 impl Drop for WebhookPermit {
     fn drop(&mut self) {
-        drop(self.permit.take());
+        if let Some(permit) = self.permit.take() {
+            *self.entry.last_release.lock().expect("never poisoned") = Instant::now();
+            drop(permit);
+        }
         let mut slots = self.slots.lock().expect("never poisoned");
-        // Only the map still holds the semaphore: nobody is under way or waiting.
+        // Only the map and this permit still hold the entry: nobody else is under way or
+        // waiting.
         if slots
             .get(&self.webhook_id)
-            .is_some_and(|s| Arc::strong_count(s) == 1)
+            .is_some_and(|e| Arc::strong_count(e) == 2)
         {
             slots.remove(&self.webhook_id);
         }
