@@ -307,9 +307,6 @@ impl Pipeline {
                 })
                 .await?;
             log_attempt(&result, outcome, recorded);
-            if let Recorded::Status { status, .. } = recorded {
-                Span::current().set_attribute("status", status.as_str());
-            }
             let Recorded::Status { status, stopped } = recorded else {
                 if retried {
                     // Perhaps our own first try committed: make sure its retry and its
@@ -320,6 +317,7 @@ impl Pipeline {
                 }
                 return Ok(());
             };
+            Span::current().set_attribute("status", status.as_str());
             if let Some(others) = stopped {
                 self.metrics.webhook_disabled(outcome == Outcome::Gone);
                 self.metrics.stopped(others);

@@ -65,14 +65,17 @@ impl PerWebhook {
             permit: None,
             slots: self.slots.clone(),
         };
-        let places = permit.entry.places.clone();
+        // One wait, kept across the progress checks, so the waiter keeps its place in the
+        // semaphore's queue.
+        let acquire = permit.entry.places.clone().acquire_owned();
+        tokio::pin!(acquire);
         loop {
-            match tokio::time::timeout(patience, places.clone().acquire_owned()).await {
-                Ok(acquired) => {
+            tokio::select! {
+                acquired = &mut acquire => {
                     permit.permit = Some(acquired.expect("the semaphore is never closed"));
                     return Some(permit);
                 }
-                Err(_) => {
+                _ = tokio::time::sleep(patience) => {
                     let last = *permit.entry.last_release.lock().expect("never poisoned");
                     if last.elapsed() >= patience {
                         return None; // dropping `permit` tidies the map
@@ -82,8 +85,9 @@ impl PerWebhook {
         }
     }
 
-    /// Webhooks with attempts under way or waiting (for tests and metrics).
-    pub fn busy_webhooks(&self) -> usize {
+    /// Webhooks with attempts under way or waiting.
+    #[cfg(test)]
+    fn busy_webhooks(&self) -> usize {
         self.slots.lock().expect("never poisoned").len()
     }
 }
