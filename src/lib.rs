@@ -13,12 +13,15 @@
 //!   through [`amqp`]'s confirmed publisher before the message is acknowledged, and so do
 //!   the operational events of [`notify`] when an attempt disabled its webhook or ended its
 //!   delivery.
+//! - [`batch`] groups the writes every message makes (storing its event, recording a
+//!   success) into one statement for many messages.
 //! - [`config`] and [`cli`] are the process's surface, [`health`] its probes,
 //!   [`metrics`] its numbers and [`telemetry`] its logs and traces; [`ops`] holds the
 //!   operator commands (webhooks, deliveries, replay, dead letters, stats, publish,
 //!   prune), which work on the same tables and queues.
 
 pub mod amqp;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod destination;

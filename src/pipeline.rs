@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures_util::future::join_all;
+use futures_util::future::{BoxFuture, join_all};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
@@ -18,6 +18,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::amqp::{PublishError, Publisher};
+use crate::batch::{self, Batcher};
 use crate::config::Config;
 use crate::destination;
 use crate::event::{Event, TraceContext};
@@ -26,7 +27,9 @@ use crate::message::{RETRY_KIND, RetryTask};
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
-use crate::store::{DeliveryStatus, DisablePolicy, Job, NoClaim, Recorded, ScheduledRetry, Store};
+use crate::store::{
+    DeliveryStatus, DisablePolicy, Job, NoClaim, Recorded, ScheduledRetry, Store, Success,
+};
 use crate::telemetry;
 use crate::topology::{self, header_str};
 use crate::webhook_limit::PerWebhook;
@@ -100,6 +103,10 @@ pub struct Pipeline {
     /// `MAX_IN_FLIGHT_PER_WEBHOOK`: a permit per attempt to one webhook.
     per_webhook: PerWebhook,
     pub metrics: Arc<Metrics>,
+    /// Stores events, many messages' at a time.
+    events: Batcher<Arc<Event>, Option<Vec<Job>>>,
+    /// Records successful attempts, many at a time.
+    successes: Batcher<Success, bool>,
     /// When an outage was last reported, so that hundreds of waiting messages make one
     /// warning every few seconds, not one each.
     outage_reported: Mutex<Option<Instant>>,
@@ -113,6 +120,9 @@ const STALE_ROW: Duration = Duration::from_secs(1);
 /// is parked: a fast webhook's burst just queues here, while a hung one's deliveries do
 /// not hold their messages (and the prefetch) for long.
 const PARK_AFTER: Duration = Duration::from_millis(500);
+
+/// The most requests of one kind in one statement.
+const MAX_BATCH: usize = 256;
 
 /// Tries of a retry message's publish the broker refuses on a live channel.
 const PUBLISH_TRIES: u32 = 5;
@@ -133,8 +143,23 @@ impl Pipeline {
     ) -> Pipeline {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight as usize));
         let per_webhook = PerWebhook::new(config.max_in_flight_per_webhook);
+        // A quarter of the pool for each kind of batch leaves the rest to claims and
+        // failures.
+        let limits = batch::Limits {
+            concurrency: (config.database_pool_size as usize / 4).max(1),
+            max_batch: MAX_BATCH,
+        };
+        let events = Batcher::spawn(store.clone(), store_events, |e| (e.id, 0), limits);
+        let successes = Batcher::spawn(
+            store.clone(),
+            record_successes,
+            |s| (s.delivery_id, s.attempt),
+            limits,
+        );
         Pipeline {
             config,
+            events,
+            successes,
             store,
             http,
             in_flight,
@@ -173,7 +198,7 @@ impl Pipeline {
         session: &Session,
     ) -> Result<Disposition, Failure> {
         let event = match Event::parse(&delivery.data, trace_of(delivery), Utc::now()) {
-            Ok(event) => event,
+            Ok(event) => Arc::new(event),
             Err(invalid) => return Ok(Disposition::DeadLetter(invalid.0)),
         };
         Span::current().record("event_id", tracing::field::display(event.id));
@@ -183,7 +208,7 @@ impl Pipeline {
         span.set_attribute("project_id", event.project_id.clone());
         async {
             let (stored, retried) = self
-                .db_retried("storing the event", || self.store.store_event(&event))
+                .db_retried("storing the event", || self.events.run(event.clone()))
                 .await?;
             let (jobs, retries) = match stored {
                 Some(jobs) => (jobs, Vec::new()),
@@ -298,14 +323,29 @@ impl Pipeline {
                 job.schedule_attempt(),
                 &result,
             );
-            let (recorded, retried) = self
-                .db_retried("recording the attempt", || {
-                    Box::pin(
-                        self.store
-                            .record(&job, started_at, &result, outcome, self.policy()),
-                    )
-                })
-                .await?;
+            let (recorded, retried) = match outcome {
+                Outcome::Delivered => {
+                    let success = Success::new(&job, started_at, &result);
+                    let (recorded, retried) = self
+                        .db_retried("recording the attempt", || {
+                            self.successes.run(success.clone())
+                        })
+                        .await?;
+                    (Recorded::delivered(recorded), retried)
+                }
+                _ => {
+                    self.db_retried("recording the attempt", || {
+                        Box::pin(self.store.record(
+                            &job,
+                            started_at,
+                            &result,
+                            outcome,
+                            self.policy(),
+                        ))
+                    })
+                    .await?
+                }
+            };
             log_attempt(&result, outcome, recorded);
             let Recorded::Status { status, stopped } = recorded else {
                 if retried {
@@ -738,4 +778,20 @@ pub fn message_ref(delivery: &Delivery) -> String {
         .as_ref()
         .map(|id| id.to_string())
         .unwrap_or_else(|| format!("delivery tag {}", delivery.delivery_tag))
+}
+
+/// [`Store::store_events`] as a [`batch::BatchOp`].
+fn store_events<'a>(
+    store: &'a Store,
+    events: &'a [Arc<Event>],
+) -> BoxFuture<'a, Result<Vec<Option<Vec<Job>>>, sqlx::Error>> {
+    Box::pin(store.store_events(events))
+}
+
+/// [`Store::record_successes`] as a [`batch::BatchOp`].
+fn record_successes<'a>(
+    store: &'a Store,
+    done: &'a [Success],
+) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
+    Box::pin(store.record_successes(done))
 }

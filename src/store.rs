@@ -2,12 +2,13 @@
 //! event, the claim that makes an attempt exclusive, and the transaction that records an
 //! attempt together with the webhook's failure counter and disabled state (CONTRACT §2, §3).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Postgres, Transaction};
+use sqlx::{FromRow, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::event::Event;
@@ -158,6 +159,19 @@ pub enum Recorded {
     Superseded,
 }
 
+impl Recorded {
+    /// What recording a success did: delivered, or nothing (superseded).
+    pub fn delivered(recorded: bool) -> Recorded {
+        match recorded {
+            true => Recorded::Status {
+                status: DeliveryStatus::Delivered,
+                stopped: None,
+            },
+            false => Recorded::Superseded,
+        }
+    }
+}
+
 /// What an attempt did that operators hear of, read back from Postgres after it was
 /// recorded ([`Store::attempt_facts`]).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -251,67 +265,78 @@ impl Store {
             .map(|_| ())
     }
 
-    /// Stores a new event and creates one `delivering` delivery per matching webhook, in one
-    /// transaction. `None` when the id is already stored: nothing is written.
-    pub async fn store_event(&self, event: &Event) -> Result<Option<Vec<Job>>, sqlx::Error> {
+    /// Stores new events and creates one `delivering` delivery per matching webhook, in one
+    /// statement (so one round trip and one transaction for the whole batch: an event's
+    /// deliveries are inserted only if the event is). For each event in order: its jobs, or
+    /// `None` when its id was already stored (nothing is written for it). The ids must be
+    /// distinct ([`crate::batch`] sees to it).
+    pub async fn store_events(
+        &self,
+        events: &[Arc<Event>],
+    ) -> Result<Vec<Option<Vec<Job>>>, sqlx::Error> {
         let received_at = Utc::now().trunc_subsecs(6);
-        // One statement, so one round trip and its own transaction: the deliveries are
-        // inserted only if the event is.
-        let rows: Vec<(Uuid, WebhookRow)> = sqlx::query_as::<_, DeliveryWebhook>(concat!(
+        let column = |f: fn(&Event) -> Option<&str>| -> Vec<Option<&str>> {
+            events.iter().map(|e| f(e)).collect()
+        };
+        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let occurred: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
+        // Every stored event comes back at least once (with no delivery when no webhook
+        // matches), so a missing id is one that was stored before.
+        let rows = sqlx::query(concat!(
             "WITH e AS ( \
                INSERT INTO control_plane.events \
                  (id, project_id, event_type, data, occurred_at, traceparent, tracestate, \
                   received_at) \
-               VALUES ($1, $2, $3, $4::json, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING \
-               RETURNING id), \
+               SELECT id, project_id, event_type, data::json, occurred_at, traceparent, \
+                 tracestate, $8 \
+               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
+                 $5::timestamptz[], $6::text[], $7::text[]) \
+                 AS i(id, project_id, event_type, data, occurred_at, traceparent, tracestate) \
+               ON CONFLICT (id) DO NOTHING \
+               RETURNING id, project_id, event_type), \
              ins AS ( \
                INSERT INTO control_plane.webhook_deliveries \
                  (webhook_id, event_id, project_id, event_type, status) \
-               SELECT w.id, e.id, $2, $3, 'delivering' FROM e, control_plane.webhooks w \
-               WHERE w.project_id = $2 AND NOT w.disabled \
-                 AND (w.event_type = $3 OR w.event_type = '*') \
-               RETURNING id, webhook_id) \
-             SELECT ins.id AS delivery_id, ",
+               SELECT w.id, e.id, e.project_id, e.event_type, 'delivering' \
+               FROM e JOIN control_plane.webhooks w ON w.project_id = e.project_id \
+                 AND NOT w.disabled AND (w.event_type = e.event_type OR w.event_type = '*') \
+               RETURNING id, webhook_id, event_id) \
+             SELECT e.id AS event_id, ins.id AS delivery_id, ",
             webhook_columns!(),
-            " \
-             FROM ins JOIN control_plane.webhooks w ON w.id = ins.webhook_id"
+            " FROM e LEFT JOIN ins ON ins.event_id = e.id \
+             LEFT JOIN control_plane.webhooks w ON w.id = ins.webhook_id"
         ))
-        .bind(event.id)
-        .bind(&event.project_id)
-        .bind(&event.event_type)
-        .bind(event.data.get())
-        .bind(event.occurred_at)
-        .bind(&event.trace.traceparent)
-        .bind(&event.trace.tracestate)
+        .bind(&ids)
+        .bind(column(|e| Some(&e.project_id)))
+        .bind(column(|e| Some(&e.event_type)))
+        .bind(column(|e| Some(e.data.get())))
+        .bind(&occurred)
+        .bind(column(|e| e.trace.traceparent.as_deref()))
+        .bind(column(|e| e.trace.tracestate.as_deref()))
         .bind(received_at)
         .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(|r| (r.delivery_id, r.webhook))
-        .collect();
-        // No delivery: either no webhook matches, or the event id was stored before. Our
-        // own receipt time, to the microsecond, tells which.
-        if rows.is_empty() {
-            let ours: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM control_plane.events \
-                 WHERE id = $1 AND received_at = $2)",
-            )
-            .bind(event.id)
-            .bind(received_at)
-            .fetch_one(&self.pool)
-            .await?;
-            if !ours {
-                return Ok(None);
+        .await?;
+        let mut stored: HashMap<Uuid, Vec<(Uuid, WebhookRow)>> = HashMap::new();
+        for row in rows {
+            let deliveries = stored.entry(row.try_get("event_id")?).or_default();
+            if let Some(delivery_id) = row.try_get::<Option<Uuid>, _>("delivery_id")? {
+                deliveries.push((delivery_id, WebhookRow::from_row(&row)?));
             }
         }
-        let stored = Arc::new(StoredEvent {
-            id: event.id,
-            event_type: event.event_type.clone(),
-            occurred_at: event.occurred_at,
-            received_at,
-            data: event.data.get().to_string(),
-        });
-        Ok(Some(jobs(rows, 1, stored)))
+        Ok(events
+            .iter()
+            .map(|event| {
+                let rows = stored.remove(&event.id)?;
+                let stored = Arc::new(StoredEvent {
+                    id: event.id,
+                    event_type: event.event_type.clone(),
+                    occurred_at: event.occurred_at,
+                    received_at,
+                    data: event.data.get().to_string(),
+                });
+                Some(jobs(rows, 1, stored))
+            })
+            .collect())
     }
 
     /// For an event message the broker delivers again (its first processing did not finish):
@@ -540,12 +565,12 @@ impl Store {
         outcome: Outcome,
         policy: DisablePolicy,
     ) -> Result<Recorded, sqlx::Error> {
-        let duration_ms = i32::try_from(result.duration.as_millis()).unwrap_or(i32::MAX);
         if outcome == Outcome::Delivered {
-            return self
-                .record_delivered(job, started_at, result, duration_ms)
-                .await;
+            let success = Success::new(job, started_at, result);
+            let recorded = self.record_successes(&[success]).await?;
+            return Ok(Recorded::delivered(recorded[0]));
         }
+        let duration_ms = duration_ms(result);
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO control_plane.webhook_delivery_attempts \
@@ -622,62 +647,115 @@ impl Store {
         })
     }
 
-    /// [`Store::record`] for a success, the common case, in one statement (one round trip
-    /// and its own transaction): the attempt row, the webhook's counter reset (skipped when
-    /// there is nothing to reset, as in `update_webhook`) and the delivery, the latter two
-    /// only if the attempt row is new. A success never disables anything.
-    async fn record_delivered(
-        &self,
-        job: &Job,
-        started_at: DateTime<Utc>,
-        result: &AttemptResult,
-        duration_ms: i32,
-    ) -> Result<Recorded, sqlx::Error> {
-        let recorded: Result<(i64,), sqlx::Error> = sqlx::query_as(
-            "WITH a AS ( \
+    /// Records successful attempts, many in one statement (one round trip and one
+    /// transaction): each attempt's row, its delivery `delivered`, and its webhook's counter
+    /// reset (skipped when there is nothing to reset, as in `update_webhook`; webhooks are
+    /// locked in id order, so that two batches never deadlock on them). The delivery and
+    /// the webhook change only where the attempt row is new. For each success in order:
+    /// whether it was recorded here (false: recorded before, or its delivery is gone). A
+    /// success never disables anything.
+    pub async fn record_successes(&self, done: &[Success]) -> Result<Vec<bool>, sqlx::Error> {
+        let column =
+            |f: fn(&Success) -> Option<i32>| -> Vec<Option<i32>> { done.iter().map(f).collect() };
+        let recorded: Result<Vec<(Uuid, i32)>, sqlx::Error> = sqlx::query_as(
+            "WITH i AS ( \
+               SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::timestamptz[], \
+                 $5::int4[], $6::int4[], $7::text[], $8::timestamptz[]) \
+                 AS i(delivery_id, webhook_id, attempt, started_at, duration_ms, status, body, \
+                   disabled_changed_at)), \
+             a AS ( \
                INSERT INTO control_plane.webhook_delivery_attempts \
                  (delivery_id, webhook_id, attempt_number, started_at, duration_ms, \
                   http_status_code, response_body, succeeded) \
-               VALUES ($1, $2, $3, $4, $5, $6, $7, true) \
-               ON CONFLICT (delivery_id, attempt_number) DO NOTHING RETURNING 1), \
+               SELECT delivery_id, webhook_id, attempt, started_at, duration_ms, status, body, \
+                 true FROM i \
+               ON CONFLICT (delivery_id, attempt_number) DO NOTHING \
+               RETURNING delivery_id, attempt_number), \
+             new AS ( \
+               SELECT i.* FROM i JOIN a \
+                 ON a.delivery_id = i.delivery_id AND a.attempt_number = i.attempt), \
+             locked AS ( \
+               SELECT w.id FROM control_plane.webhooks w \
+               WHERE EXISTS (SELECT 1 FROM new WHERE new.webhook_id = w.id \
+                   AND new.disabled_changed_at = w.disabled_changed_at) \
+                 AND NOT w.disabled \
+                 AND NOT (w.consecutive_failures = 0 AND w.failing_since IS NULL \
+                   AND coalesce(w.last_delivery_at > now() - interval '1 second', false)) \
+               ORDER BY w.id FOR UPDATE), \
              w AS ( \
                UPDATE control_plane.webhooks SET consecutive_failures = 0, \
                  failing_since = NULL, last_delivery_at = now() \
-               WHERE id = $2 AND EXISTS (SELECT 1 FROM a) \
-                 AND NOT disabled AND disabled_changed_at = $8 \
-                 AND NOT (consecutive_failures = 0 AND failing_since IS NULL \
-                   AND coalesce(last_delivery_at > now() - interval '1 second', false))), \
+               WHERE id IN (SELECT id FROM locked)), \
              d AS ( \
-               UPDATE control_plane.webhook_deliveries SET status = 'delivered', \
-                 attempts = $3, http_status_code = $6, response_body = $7, \
-                 error_type = NULL, error_message = NULL, duration_ms = $5, \
-                 next_retry_at = NULL, delivered_at = now(), updated_at = now() \
-               WHERE id = $1 AND EXISTS (SELECT 1 FROM a)) \
-             SELECT count(*) FROM a",
+               UPDATE control_plane.webhook_deliveries d SET status = 'delivered', \
+                 attempts = new.attempt, http_status_code = new.status, \
+                 response_body = new.body, error_type = NULL, error_message = NULL, \
+                 duration_ms = new.duration_ms, next_retry_at = NULL, delivered_at = now(), \
+                 updated_at = now() \
+               FROM new WHERE d.id = new.delivery_id) \
+             SELECT delivery_id, attempt_number FROM a",
         )
-        .bind(job.delivery_id)
-        .bind(job.webhook.id)
-        .bind(job.attempt as i32)
-        .bind(started_at)
-        .bind(duration_ms)
-        .bind(result.status.map(i32::from))
-        .bind(result.body.as_deref())
-        .bind(job.webhook.disabled_changed_at)
-        .fetch_one(&self.pool)
+        .bind(done.iter().map(|s| s.delivery_id).collect::<Vec<_>>())
+        .bind(done.iter().map(|s| s.webhook_id).collect::<Vec<_>>())
+        .bind(column(|s| Some(s.attempt as i32)))
+        .bind(done.iter().map(|s| s.started_at).collect::<Vec<_>>())
+        .bind(column(|s| Some(s.duration_ms)))
+        .bind(column(|s| s.http_status))
+        .bind(done.iter().map(|s| s.body.as_deref()).collect::<Vec<_>>())
+        .bind(
+            done.iter()
+                .map(|s| s.disabled_changed_at)
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&self.pool)
         .await;
-        match recorded {
-            Ok((1,)) => Ok(Recorded::Status {
-                status: DeliveryStatus::Delivered,
-                stopped: None,
-            }),
-            Ok(_) => Ok(Recorded::Superseded),
-            // The delivery was deleted with its webhook meanwhile.
-            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
-                Ok(Recorded::Superseded)
+        let recorded: HashSet<(Uuid, i32)> = match recorded {
+            Ok(rows) => rows.into_iter().collect(),
+            // A delivery deleted with its webhook meanwhile: alone, it was simply not
+            // recorded; in a batch, the batch is run again one by one to find it.
+            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() && done.len() == 1 => {
+                HashSet::new()
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
+        };
+        Ok(done
+            .iter()
+            .map(|s| recorded.contains(&(s.delivery_id, s.attempt as i32)))
+            .collect())
+    }
+}
+
+/// A successful attempt, as [`Store::record_successes`] writes it.
+#[derive(Debug, Clone)]
+pub struct Success {
+    pub delivery_id: Uuid,
+    pub webhook_id: Uuid,
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i32,
+    pub http_status: Option<i32>,
+    pub body: Option<String>,
+    /// The webhook state the attempt used: its counter is reset only if that still holds.
+    pub disabled_changed_at: DateTime<Utc>,
+}
+
+impl Success {
+    pub fn new(job: &Job, started_at: DateTime<Utc>, result: &AttemptResult) -> Success {
+        Success {
+            delivery_id: job.delivery_id,
+            webhook_id: job.webhook.id,
+            attempt: job.attempt,
+            started_at,
+            duration_ms: duration_ms(result),
+            http_status: result.status.map(i32::from),
+            body: result.body.clone(),
+            disabled_changed_at: job.webhook.disabled_changed_at,
         }
     }
+}
+
+fn duration_ms(result: &AttemptResult) -> i32 {
+    i32::try_from(result.duration.as_millis()).unwrap_or(i32::MAX)
 }
 
 /// Counts the attempt on the webhook unless the webhook was disabled or re-enabled since

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod batching;
 mod crash;
 mod delivery;
 mod events;

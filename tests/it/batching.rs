@@ -1,0 +1,160 @@
+//! Writes of many messages as one statement: each request still gets its own answer, and
+//! one that Postgres refuses fails alone.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures_util::future::{BoxFuture, join_all};
+use serde_json::json;
+use uuid::Uuid;
+use webhook_worker::batch::{Batcher, Limits};
+use webhook_worker::event::{Event, TraceContext};
+use webhook_worker::store::{Store, Success};
+
+use crate::harness::{TestEnv, WebhookSpec, event};
+
+fn parsed(project: &str, event_type: &str) -> Arc<Event> {
+    let (_, body) = event(project, event_type, json!({"n": 1}));
+    let bytes = serde_json::to_vec(&body).unwrap();
+    Arc::new(Event::parse(&bytes, TraceContext::default(), Utc::now()).unwrap())
+}
+
+fn store(env: &TestEnv) -> Store {
+    Store::connect_lazy(&env.db_url, 4).unwrap()
+}
+
+#[tokio::test]
+async fn one_statement_stores_many_events_and_answers_each() {
+    let env = TestEnv::new().await;
+    let url = "http://127.0.0.1:9/";
+    let a = env.add_webhook(WebhookSpec::new("p", "t", url)).await;
+    let b = env.add_webhook(WebhookSpec::new("p", "*", url)).await;
+    env.add_webhook(WebhookSpec::new("q", "t", url)).await;
+    let store = store(&env);
+    let before = parsed("p", "t");
+    assert_eq!(
+        store
+            .store_events(std::slice::from_ref(&before))
+            .await
+            .unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let (two, none) = (parsed("p", "t"), parsed("nobody", "t"));
+    let stored = store
+        .store_events(&[two.clone(), before.clone(), none.clone()])
+        .await
+        .unwrap();
+    let hooks = |i: usize| -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = stored[i]
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|j| j.webhook.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut both = vec![a, b];
+    both.sort();
+    assert_eq!(hooks(0), both, "each matching webhook, once");
+    assert!(stored[1].is_none(), "an id stored before is a duplicate");
+    assert!(hooks(2).is_empty(), "stored, with no webhook to deliver to");
+    for job in stored[0].as_ref().unwrap() {
+        assert_eq!(job.event.id, two.id);
+        assert_eq!(job.event.data, two.data.get());
+    }
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM control_plane.events")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 3);
+    let deliveries: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT event_id, status FROM control_plane.webhook_deliveries ORDER BY event_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(deliveries.len(), 4);
+    assert!(deliveries.iter().all(|(_, s)| s == "delivering"));
+}
+
+fn record<'a>(
+    store: &'a Store,
+    done: &'a [Success],
+) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
+    Box::pin(store.record_successes(done))
+}
+
+#[tokio::test]
+async fn a_batch_postgres_refuses_is_run_again_one_by_one_so_one_bad_request_fails_alone() {
+    let env = TestEnv::new().await;
+    let hook = env
+        .add_webhook(WebhookSpec::new("p", "t", "http://127.0.0.1:9/"))
+        .await;
+    let store = store(&env);
+    let events: Vec<Arc<Event>> = (0..40).map(|_| parsed("p", "t")).collect();
+    let jobs: Vec<_> = store
+        .store_events(&events)
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|jobs| jobs.unwrap())
+        .collect();
+    assert_eq!(jobs.len(), 40);
+
+    let ok = webhook_worker::outcome::AttemptResult {
+        status: Some(204),
+        body: None,
+        error: None,
+        retry_after: None,
+        duration: std::time::Duration::from_millis(3),
+    };
+    let mut successes: Vec<Success> = jobs
+        .iter()
+        .map(|j| Success::new(j, Utc::now(), &ok))
+        .collect();
+    // A delivery that does not exist: its attempt row breaks the foreign key.
+    let mut gone = successes[0].clone();
+    gone.delivery_id = Uuid::new_v4();
+    successes.push(gone.clone());
+    // One statement at a time, so the forty pile up behind the first and share a batch.
+    let batcher = Batcher::spawn(
+        store.clone(),
+        record,
+        |s| (s.delivery_id, s.attempt),
+        Limits {
+            concurrency: 1,
+            max_batch: 256,
+        },
+    );
+    let answers = join_all(successes.iter().map(|s| batcher.run(s.clone()))).await;
+    for (success, answer) in successes.iter().zip(&answers) {
+        let recorded = *answer
+            .as_ref()
+            .expect("no request fails for another's sake");
+        assert_eq!(
+            recorded,
+            success.delivery_id != gone.delivery_id,
+            "{success:?}"
+        );
+    }
+    // Recording the same attempts again records nothing new.
+    let again = join_all(successes.iter().map(|s| batcher.run(s.clone()))).await;
+    assert!(again.into_iter().all(|a| !a.unwrap()));
+
+    let delivered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM control_plane.webhook_deliveries d \
+         JOIN control_plane.webhook_delivery_attempts a ON a.delivery_id = d.id \
+         WHERE d.status = 'delivered' AND d.attempts = 1 AND a.succeeded",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(delivered, 40);
+    let state = env.webhook(hook).await;
+    assert!(state.has_last_delivery && state.consecutive_failures == 0);
+}
