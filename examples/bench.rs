@@ -485,7 +485,8 @@ impl Worker {
     }
 }
 
-/// With `BENCH_PERF=<file>`, the drain scenario profiles the worker while it drains:
+/// With `BENCH_PERF=<file>`, the drain and fan-out scenarios profile the worker while it
+/// works, into `<file>.drain` and `<file>.fanout`:
 /// `perf record` (cpu-clock, so it works where hardware counters are not exposed), with
 /// call graphs as `BENCH_PERF_CALLGRAPH` says (default `fp`).
 fn perf_record(pid: u32, out: &str) -> anyhow::Result<Child> {
@@ -725,7 +726,7 @@ impl Bench {
         let (ready, ready_at) = worker.wait_ready().await?;
         let cpu0 = cpu_secs(worker.pid());
         let perf = match std::env::var("BENCH_PERF") {
-            Ok(out) if name == "drain" => Some(perf_record(worker.pid(), &out)?),
+            Ok(out) => Some(perf_record(worker.pid(), &format!("{out}.{name}"))?),
             _ => None,
         };
         let rec = self.rec.clone();

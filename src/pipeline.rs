@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures_util::future::{BoxFuture, join_all};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, PollSemaphore};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
@@ -100,6 +102,8 @@ pub struct Pipeline {
     pub http: reqwest::Client,
     /// `MAX_IN_FLIGHT`: a permit per HTTP attempt.
     pub in_flight: Arc<Semaphore>,
+    /// A place per first attempt of an event's delivery under way in this process.
+    admitted: Arc<Semaphore>,
     /// `MAX_IN_FLIGHT_PER_WEBHOOK`: a permit per attempt to one webhook.
     per_webhook: PerWebhook,
     pub metrics: Arc<Metrics>,
@@ -120,6 +124,10 @@ const STALE_ROW: Duration = Duration::from_secs(1);
 /// is parked: a fast webhook's burst just queues here, while a hung one's deliveries do
 /// not hold their messages (and the prefetch) for long.
 const PARK_AFTER: Duration = Duration::from_millis(500);
+
+/// Attempts of fanned-out events under way per `MAX_IN_FLIGHT` slot: enough to keep every
+/// slot busy while some wait for their webhook, few enough to bound the memory they hold.
+const ATTEMPTS_PER_SLOT: usize = 4;
 
 /// The most requests of one kind in one statement.
 const MAX_BATCH: usize = 256;
@@ -142,6 +150,9 @@ impl Pipeline {
         metrics: Arc<Metrics>,
     ) -> Pipeline {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight as usize));
+        let admitted = Arc::new(Semaphore::new(
+            config.max_in_flight as usize * ATTEMPTS_PER_SLOT,
+        ));
         let per_webhook = PerWebhook::new(config.max_in_flight_per_webhook);
         // A quarter of the pool for each kind of batch leaves the rest to claims and
         // failures.
@@ -163,6 +174,7 @@ impl Pipeline {
             store,
             http,
             in_flight,
+            admitted,
             per_webhook,
             metrics,
             outage_reported: Mutex::new(None),
@@ -239,8 +251,7 @@ impl Pipeline {
             for retry in &retries {
                 self.reschedule(retry, session).await?;
             }
-            let results = join_all(jobs.into_iter().map(|job| self.attempt(job, session))).await;
-            results.into_iter().collect::<Result<Vec<()>, Failure>>()?;
+            self.attempt_all(jobs, session).await?;
             Ok(Disposition::Ack)
         }
         .instrument(span)
@@ -302,6 +313,36 @@ impl Pipeline {
             }
         }
         Ok(Disposition::Ack)
+    }
+
+    /// The first attempts of an event's deliveries, each admitted when the process holds
+    /// fewer than [`ATTEMPTS_PER_SLOT`] × `MAX_IN_FLIGHT` attempts: a backlog of wide
+    /// fan-outs waits as a list of jobs, not as thousands of attempts under way. The first
+    /// failure is returned once every admitted attempt has ended.
+    async fn attempt_all(&self, jobs: Vec<Job>, session: &Session) -> Result<(), Failure> {
+        let mut jobs = jobs.into_iter();
+        let mut places = PollSemaphore::new(self.admitted.clone());
+        let mut attempts = FuturesUnordered::new();
+        let mut failure = None;
+        loop {
+            tokio::select! {
+                Some(place) = places.next(), if jobs.len() > 0 => {
+                    let job = jobs.next().expect("a job is left");
+                    attempts.push(async move {
+                        let attempted = self.attempt(job, session).await;
+                        drop(place);
+                        attempted
+                    });
+                }
+                Some(attempted) = attempts.next(), if !attempts.is_empty() => {
+                    if let Err(e) = attempted {
+                        failure.get_or_insert(e);
+                    }
+                }
+                else => break,
+            }
+        }
+        failure.map_or(Ok(()), Err)
     }
 
     /// One attempt of a claimed delivery, from request to recorded outcome and scheduled

@@ -70,3 +70,38 @@ async fn a_hung_webhook_takes_its_share_and_its_excess_is_parked_not_lost() {
     assert_eq!(rx.seen("ok").len(), 6);
     worker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn fan_outs_wider_than_the_attempts_admitted_at_once_are_delivered_in_full() {
+    let env = TestEnv::new().await;
+    let rx = Receiver::start().await;
+    let mut hooks = Vec::new();
+    for n in 0..10 {
+        let url = rx.url(&format!("ok{n}"), vec![Reply::Status(204)]);
+        hooks.push(env.add_webhook(WebhookSpec::new("p", "t", &url)).await);
+    }
+    // One HTTP slot: four attempts admitted at a time for the fifty deliveries.
+    let worker = env.start_worker(&["--max-in-flight", "1"]).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let (id, body) = event("p", "t", serde_json::json!({ "n": n }));
+        env.publish(&body).await;
+        ids.push(id);
+    }
+    for id in &ids {
+        for hook in &hooks {
+            let d = env
+                .wait_for_status(*hook, *id, &["delivered"], Duration::from_secs(20))
+                .await;
+            assert_eq!(d.attempts, 1);
+        }
+    }
+    for n in 0..10 {
+        assert_eq!(
+            rx.seen(&format!("ok{n}")).len(),
+            5,
+            "one request per delivery"
+        );
+    }
+    worker.stop().await.unwrap();
+}
