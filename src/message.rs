@@ -20,6 +20,10 @@ pub struct RetryTask {
     /// (`MAX_IN_FLIGHT_PER_WEBHOOK`); absent when never.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub parked: u32,
+    /// The delivery's webhook, on a parked message: while that webhook is still stalled,
+    /// the message is parked again without touching Postgres.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_id: Option<Uuid>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -33,13 +37,15 @@ impl RetryTask {
             delivery_id,
             attempt,
             parked: 0,
+            webhook_id: None,
         }
     }
 
     /// The same attempt again later: its webhook was busy.
-    pub fn parked(delivery_id: Uuid, attempt: u32, times: u32) -> Self {
+    pub fn parked(delivery_id: Uuid, attempt: u32, times: u32, webhook_id: Uuid) -> Self {
         RetryTask {
             parked: times,
+            webhook_id: Some(webhook_id),
             ..RetryTask::new(delivery_id, attempt)
         }
     }
@@ -86,5 +92,7 @@ mod tests {
             .is_err()
         );
         assert!(RetryTask::parse(b"junk").is_err());
+        let parked = RetryTask::parked(Uuid::new_v4(), 2, 1, Uuid::new_v4());
+        assert_eq!(RetryTask::parse(&parked.to_bytes()).unwrap(), parked);
     }
 }

@@ -111,6 +111,8 @@ pub struct Pipeline {
     events: Batcher<Arc<Event>, Option<Vec<Job>>>,
     /// Records successful attempts, many at a time.
     successes: Batcher<Success, bool>,
+    /// Gives back the claims of parked deliveries, many at a time.
+    unclaims: Batcher<(Uuid, u32), bool>,
     /// When an outage was last reported, so that hundreds of waiting messages make one
     /// warning every few seconds, not one each.
     outage_reported: Mutex<Option<Instant>>,
@@ -167,10 +169,12 @@ impl Pipeline {
             |s| (s.delivery_id, s.attempt),
             limits,
         );
+        let unclaims = Batcher::spawn(store.clone(), unclaim, |c| *c, limits);
         Pipeline {
             config,
             events,
             successes,
+            unclaims,
             store,
             http,
             in_flight,
@@ -270,6 +274,17 @@ impl Pipeline {
         let span = Span::current();
         span.record("delivery_id", tracing::field::display(task.delivery_id));
         span.record("attempt", task.attempt);
+        // Its webhook is still stalled here: park it again, unclaimed, at no cost to
+        // Postgres (the delivery stays as it was parked: pending or failed).
+        if let Some(webhook_id) = task.webhook_id
+            && self.per_webhook.stalled(webhook_id, PARK_AFTER)
+        {
+            span.set_attribute("parked", true);
+            let (id, attempt) = (task.delivery_id, task.attempt);
+            self.park_again(id, attempt, task.parked, webhook_id, session)
+                .await?;
+            return Ok(Disposition::Ack);
+        }
         let claim_it = |take_over| {
             self.db_retried("claiming a retry", move || {
                 self.store.claim(task.delivery_id, task.attempt, take_over)
@@ -499,18 +514,38 @@ impl Pipeline {
     /// claimed it comes back and finds it claimable again.
     async fn park(&self, job: &Job, session: &Session) -> Result<(), Failure> {
         Span::current().set_attribute("parked", true);
+        let claim = (job.delivery_id, job.attempt);
         let released = self
-            .db("parking the delivery", || {
-                self.store.unclaim(job.delivery_id, job.attempt)
-            })
+            .db("parking the delivery", || self.unclaims.run(claim))
             .await?;
         if released {
-            let task = RetryTask::parked(job.delivery_id, job.attempt, job.parked + 1);
-            let queue = topology::park_queue(job.parked);
-            self.publish_task(session, &queue, task).await?;
-            self.metrics.parked();
-            debug!(queue, "webhook busy: delivery parked");
+            self.park_again(
+                job.delivery_id,
+                job.attempt,
+                job.parked,
+                job.webhook.id,
+                session,
+            )
+            .await?;
         }
+        Ok(())
+    }
+
+    /// Publishes the parked message of an attempt not claimed (or given back), into the
+    /// delay queue for the `parked`-th time.
+    async fn park_again(
+        &self,
+        delivery_id: Uuid,
+        attempt: u32,
+        parked: u32,
+        webhook_id: Uuid,
+        session: &Session,
+    ) -> Result<(), Failure> {
+        let task = RetryTask::parked(delivery_id, attempt, parked + 1, webhook_id);
+        let queue = topology::park_queue(parked);
+        self.publish_task(session, &queue, task).await?;
+        self.metrics.parked();
+        debug!(queue, "webhook busy: delivery parked");
         Ok(())
     }
 
@@ -835,4 +870,12 @@ fn record_successes<'a>(
     done: &'a [Success],
 ) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
     Box::pin(store.record_successes(done))
+}
+
+/// [`Store::unclaim`] as a [`batch::BatchOp`].
+fn unclaim<'a>(
+    store: &'a Store,
+    claims: &'a [(Uuid, u32)],
+) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
+    Box::pin(store.unclaim(claims))
 }

@@ -442,21 +442,25 @@ impl Store {
         Ok(Err(self.state(delivery_id).await?))
     }
 
-    /// Gives back a claim that made no request (its webhook was busy): `pending` or
-    /// `failed` again, as before the claim, for the parked message to claim. False when the
-    /// delivery moved on meanwhile.
-    pub async fn unclaim(&self, delivery_id: Uuid, attempt: u32) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE control_plane.webhook_deliveries \
-             SET status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'failed' END, \
+    /// Gives back claims that made no request (their webhook was busy): `pending` or
+    /// `failed` again, as before the claim, for the parked message to claim. For each
+    /// `(delivery, attempt)` in order: false when the delivery moved on meanwhile.
+    pub async fn unclaim(&self, claims: &[(Uuid, u32)]) -> Result<Vec<bool>, sqlx::Error> {
+        let released: HashSet<Uuid> = sqlx::query_scalar(
+            "UPDATE control_plane.webhook_deliveries d \
+             SET status = CASE WHEN d.attempts = 0 THEN 'pending' ELSE 'failed' END, \
                  updated_at = now() \
-             WHERE id = $1 AND status = 'delivering' AND attempts = $2 - 1",
+             FROM unnest($1::uuid[], $2::int4[]) AS c(id, attempt) \
+             WHERE d.id = c.id AND d.status = 'delivering' AND d.attempts = c.attempt - 1 \
+             RETURNING d.id",
         )
-        .bind(delivery_id)
-        .bind(attempt as i32)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .bind(claims.iter().map(|c| c.0).collect::<Vec<_>>())
+        .bind(claims.iter().map(|c| c.1 as i32).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .collect();
+        Ok(claims.iter().map(|c| released.contains(&c.0)).collect())
     }
 
     /// Where a delivery stands, for a message that could not claim it.

@@ -18,6 +18,13 @@ struct Entry {
     last_release: Mutex<Instant>,
 }
 
+impl Entry {
+    /// Whether no place was given back for `patience` (or since the entry was made).
+    fn stalled_for(&self, patience: Duration) -> bool {
+        self.last_release.lock().expect("never poisoned").elapsed() >= patience
+    }
+}
+
 /// One entry per webhook with attempts under way or waiting; a webhook's entry goes when
 /// its last permit does, so the map holds only busy webhooks.
 pub struct PerWebhook {
@@ -65,6 +72,16 @@ impl PerWebhook {
             permit: None,
             slots: self.slots.clone(),
         };
+        // A webhook with every place taken and none given back for `patience` is stalled:
+        // a newcomer parks at once instead of waiting out the patience again.
+        match permit.entry.places.clone().try_acquire_owned() {
+            Ok(acquired) => {
+                permit.permit = Some(acquired);
+                return Some(permit);
+            }
+            Err(_) if permit.entry.stalled_for(patience) => return None,
+            Err(_) => {}
+        }
         // One wait, kept across the progress checks, so the waiter keeps its place in the
         // semaphore's queue.
         let acquire = permit.entry.places.clone().acquire_owned();
@@ -76,13 +93,21 @@ impl PerWebhook {
                     return Some(permit);
                 }
                 _ = tokio::time::sleep(patience) => {
-                    let last = *permit.entry.last_release.lock().expect("never poisoned");
-                    if last.elapsed() >= patience {
+                    if permit.entry.stalled_for(patience) {
                         return None; // dropping `permit` tidies the map
                     }
                 }
             }
         }
+    }
+
+    /// Whether the webhook has every place taken and gave none back for `patience`: a
+    /// delivery to it would only be parked again.
+    pub fn stalled(&self, webhook_id: Uuid, patience: Duration) -> bool {
+        let slots = self.slots.lock().expect("never poisoned");
+        slots.get(&webhook_id).is_some_and(|entry| {
+            entry.places.available_permits() == 0 && entry.stalled_for(patience)
+        })
     }
 
     /// Webhooks with attempts under way or waiting.
@@ -127,6 +152,30 @@ mod tests {
         let third = limit.acquire(hung, patience).await.expect("a freed place");
         drop((second, third));
         assert_eq!(limit.busy_webhooks(), 0, "idle webhooks leave the map");
+    }
+
+    #[tokio::test]
+    async fn once_a_full_webhook_gave_nothing_back_for_its_patience_newcomers_park_at_once() {
+        let limit = PerWebhook::new(1);
+        let id = Uuid::new_v4();
+        let patience = Duration::from_millis(300);
+        let held = limit.acquire(id, patience).await.unwrap();
+        let waited = Instant::now();
+        assert!(limit.acquire(id, patience).await.is_none());
+        assert!(
+            waited.elapsed() >= patience,
+            "the first waiter gives it time"
+        );
+        let at_once = Instant::now();
+        assert!(limit.acquire(id, patience).await.is_none());
+        assert!(
+            at_once.elapsed() < patience,
+            "a stalled webhook parks newcomers"
+        );
+        assert!(limit.stalled(id, patience));
+        drop(held);
+        assert!(!limit.stalled(id, patience));
+        assert!(limit.acquire(id, patience).await.is_some(), "free again");
     }
 
     #[tokio::test]
