@@ -3,7 +3,8 @@
 //! How a message flows through the modules:
 //!
 //! - [`worker`] owns the RabbitMQ session: it declares the [`topology`], consumes the work
-//!   queue and settles every message as the [`pipeline`] decides (ack, dead-letter, requeue).
+//!   queue and settles every message as the [`pipeline`] decides (ack, dead-letter, requeue);
+//!   [`acks`] acknowledges many finished messages in one frame.
 //! - [`pipeline`] handles one message. A producer's [`event`] is stored once and fanned out
 //!   by the [`store`] into one delivery per matching webhook; a retry [`message`] claims
 //!   attempt N of one delivery.
@@ -20,6 +21,7 @@
 //!   operator commands (webhooks, deliveries, replay, dead letters, stats, publish,
 //!   prune), which work on the same tables and queues.
 
+pub mod acks;
 pub mod amqp;
 pub mod batch;
 pub mod cli;

@@ -11,15 +11,14 @@ use std::panic::AssertUnwindSafe;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::acks::{AckHandle, Acks};
 use crate::amqp::{self, Publisher, with_header};
 use crate::config::{Config, redact_url};
 use crate::health::{self, Readiness};
@@ -160,14 +159,17 @@ async fn session(
     info!(queue = topology::WORK_QUEUE, prefetch, "consuming");
 
     let mut tasks = JoinSet::new();
+    let acks = Acks::start(channel.clone());
     let end = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
+                    acks.arrived(delivery.delivery_tag);
                     let (pipeline, session) = (pipeline.clone(), session_state.clone());
-                    tasks.spawn(async move { settle(&pipeline, &session, delivery).await });
+                    let acks = acks.handle();
+                    tasks.spawn(async move { settle(&pipeline, &session, delivery, acks).await });
                 }
                 Some(Err(e)) => break Err(SessionEnd::Lost(e.to_string())),
                 None => break Err(SessionEnd::Lost("the broker cancelled the consumer".into())),
@@ -192,6 +194,7 @@ async fn session(
         Err(_) => config.delivery_timeout + Duration::from_secs(5),
     };
     drain(&mut tasks, drain_for).await;
+    acks.finish().await;
     let _ = conn.close(200, "webhook-worker stopping".into()).await;
     end
 }
@@ -217,7 +220,7 @@ const REQUEUE_PAUSE: Duration = Duration::from_secs(2);
 
 /// Handles a message and settles it with the broker as the pipeline decided. A panic is
 /// a bug, but it must not lose the message nor loop on it forever.
-async fn settle(pipeline: &Pipeline, session: &Session, delivery: Delivery) {
+async fn settle(pipeline: &Pipeline, session: &Session, delivery: Delivery, acks: AckHandle) {
     let handled = AssertUnwindSafe(pipeline.handle(&delivery, session))
         .catch_unwind()
         .await;
@@ -257,12 +260,13 @@ async fn settle(pipeline: &Pipeline, session: &Session, delivery: Delivery) {
         Disposition::Requeue(_) => "requeued",
     };
     pipeline.metrics.consumed(kind, outcome);
-    let settled = match disposition {
-        Disposition::Ack | Disposition::Duplicate => delivery.ack(BasicAckOptions::default()).await,
+    let tag = delivery.delivery_tag;
+    let requeued = match disposition {
+        Disposition::Ack | Disposition::Duplicate => return acks.ack(tag),
         Disposition::DeadLetter(reason) => {
             warn!(message = %message_ref(&delivery), %reason, "message moved to {}", topology::DEAD_QUEUE);
             match dead_letter(&session.publisher, &delivery, &reason).await {
-                Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                Ok(()) => return acks.ack(tag),
                 Err(e) => {
                     error!(error = %e, "could not dead-letter the message; returning it to the queue");
                     requeue_later(&delivery).await
@@ -274,8 +278,10 @@ async fn settle(pipeline: &Pipeline, session: &Session, delivery: Delivery) {
             requeue_later(&delivery).await
         }
     };
-    if let Err(e) = settled {
-        warn!(error = %e, "could not settle a message; the broker will deliver it again");
+    match requeued {
+        // Sent: no acknowledgement may cover it now.
+        Ok(_) => acks.settled(tag),
+        Err(e) => warn!(error = %e, "could not settle a message; the broker will deliver it again"),
     }
 }
 
