@@ -465,6 +465,20 @@ impl Worker {
         anyhow::bail!("the worker was not ready in 60 s")
     }
 
+    /// A counter or gauge from the worker's `/metrics`, summed over its labels.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.port);
+        let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        let values = text.lines().filter_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            let family = key.split('{').next()?;
+            (family == name)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        });
+        Some(values.sum())
+    }
+
     /// SIGTERM, and waits for the exit (in-flight attempts finish first).
     async fn stop(mut self) -> anyhow::Result<()> {
         let _ = Command::new("kill")
@@ -684,6 +698,8 @@ struct Latency {
 
 struct Hung {
     healthy: u64,
+    /// Deliveries parked (the hung webhook's, and their parked messages parked again).
+    parked: u64,
     rate: f64,
     window: f64,
 }
@@ -859,6 +875,20 @@ impl Bench {
         let worker = Worker::start(&env, &[("DISABLE_AFTER_FAILURES", "0")])?;
         let (ready, _) = worker.wait_ready().await?;
         let rec = self.rec.clone();
+        // Healthy deliveries per quarter second, printed to show a stall (none expected).
+        let timeline = {
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let (mut last, mut counts) = (0, Vec::new());
+                while last < healthy && counts.len() < 400 {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let n = rec.ok.load(Ordering::SeqCst);
+                    counts.push((n - last).to_string());
+                    last = n;
+                }
+                counts.join(" ")
+            })
+        };
         wait_for(window, Duration::from_millis(10), || {
             let n = rec.ok.load(Ordering::SeqCst);
             async move { Ok(n >= healthy) }
@@ -869,6 +899,14 @@ impl Bench {
         eprintln!(
             "   {done} healthy deliveries in {elapsed:.1} s; stopping the worker (hung attempts end at DELIVERY_TIMEOUT)"
         );
+        let parked = worker
+            .metric("webhook_worker_deliveries_parked_total")
+            .await
+            .unwrap_or(0.0) as u64;
+        let timeline = tokio::time::timeout(Duration::from_millis(500), timeline).await;
+        if let Ok(Ok(counts)) = timeline {
+            eprintln!("   healthy deliveries per 0.25 s: {counts}");
+        }
         worker.stop().await?;
         problems.extend(
             check(&env, &self.rec, &hooks, &ids, false)
@@ -879,6 +917,7 @@ impl Bench {
         env.drop_all().await;
         Ok(Hung {
             healthy: done,
+            parked,
             rate: done as f64 / elapsed,
             window: elapsed,
         })
@@ -1185,8 +1224,8 @@ fn print_table(r: &Results, scale: f64) {
         let ratio = r.fanout.as_ref().map(|f| h.rate / f.rate);
         t.row(
             &format!(
-                "4 hung receiver: deliveries/s to the 9 healthy webhooks ({} in {:.1} s)",
-                h.healthy, h.window
+                "4 hung receiver: deliveries/s to the 9 healthy webhooks ({} in {:.1} s; {} parkings)",
+                h.healthy, h.window, h.parked
             ),
             fmt_rate(h.rate),
             ratio.map_or(dash(), |x| format!("{x:.3} of fan-out rate")),

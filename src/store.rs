@@ -653,9 +653,10 @@ impl Store {
 
     /// Records successful attempts, many in one statement (one round trip and one
     /// transaction): each attempt's row, its delivery `delivered`, and its webhook's counter
-    /// reset (skipped when there is nothing to reset, as in `update_webhook`; webhooks are
-    /// locked in id order, so that two batches never deadlock on them). The delivery and
-    /// the webhook change only where the attempt row is new. For each success in order:
+    /// reset (skipped when there is nothing to reset, as in `update_webhook`). Webhooks are
+    /// locked in id order, and `FOR NO KEY UPDATE`, which leaves alone the key-share locks
+    /// that inserting a delivery takes on its webhook, so that batches never deadlock on
+    /// them. The delivery and the webhook change only where the attempt row is new. For each success in order:
     /// whether it was recorded here (false: recorded before, or its delivery is gone). A
     /// success never disables anything.
     pub async fn record_successes(&self, done: &[Success]) -> Result<Vec<bool>, sqlx::Error> {
@@ -685,7 +686,7 @@ impl Store {
                  AND NOT w.disabled \
                  AND NOT (w.consecutive_failures = 0 AND w.failing_since IS NULL \
                    AND coalesce(w.last_delivery_at > now() - interval '1 second', false)) \
-               ORDER BY w.id FOR UPDATE), \
+               ORDER BY w.id FOR NO KEY UPDATE), \
              w AS ( \
                UPDATE control_plane.webhooks SET consecutive_failures = 0, \
                  failing_since = NULL, last_delivery_at = now() \

@@ -9,6 +9,7 @@ use serde_json::json;
 use uuid::Uuid;
 use webhook_worker::batch::{Batcher, Limits};
 use webhook_worker::event::{Event, TraceContext};
+use webhook_worker::outcome::AttemptResult;
 use webhook_worker::store::{Store, Success};
 
 use crate::harness::{TestEnv, WebhookSpec, event};
@@ -19,8 +20,29 @@ fn parsed(project: &str, event_type: &str) -> Arc<Event> {
     Arc::new(Event::parse(&bytes, TraceContext::default(), Utc::now()).unwrap())
 }
 
+/// A request the receiver answered with `status`.
+fn answered(status: u16) -> AttemptResult {
+    AttemptResult {
+        status: Some(status),
+        body: None,
+        error: None,
+        retry_after: None,
+        duration: std::time::Duration::from_millis(3),
+    }
+}
+
 fn store(env: &TestEnv) -> Store {
     Store::connect_lazy(&env.db_url, 4).unwrap()
+}
+
+/// A test environment with one webhook for events `t` of project `p`.
+async fn one_hook() -> (TestEnv, Uuid, Store) {
+    let env = TestEnv::new().await;
+    let hook = env
+        .add_webhook(WebhookSpec::new("p", "t", "http://127.0.0.1:9/"))
+        .await;
+    let store = store(&env);
+    (env, hook, store)
 }
 
 #[tokio::test]
@@ -91,11 +113,7 @@ fn record<'a>(
 
 #[tokio::test]
 async fn a_batch_postgres_refuses_is_run_again_one_by_one_so_one_bad_request_fails_alone() {
-    let env = TestEnv::new().await;
-    let hook = env
-        .add_webhook(WebhookSpec::new("p", "t", "http://127.0.0.1:9/"))
-        .await;
-    let store = store(&env);
+    let (env, hook, store) = one_hook().await;
     let events: Vec<Arc<Event>> = (0..40).map(|_| parsed("p", "t")).collect();
     let jobs: Vec<_> = store
         .store_events(&events)
@@ -106,13 +124,7 @@ async fn a_batch_postgres_refuses_is_run_again_one_by_one_so_one_bad_request_fai
         .collect();
     assert_eq!(jobs.len(), 40);
 
-    let ok = webhook_worker::outcome::AttemptResult {
-        status: Some(204),
-        body: None,
-        error: None,
-        retry_after: None,
-        duration: std::time::Duration::from_millis(3),
-    };
+    let ok = answered(204);
     let mut successes: Vec<Success> = jobs
         .iter()
         .map(|j| Success::new(j, Utc::now(), &ok))
@@ -157,4 +169,41 @@ async fn a_batch_postgres_refuses_is_run_again_one_by_one_so_one_bad_request_fai
     assert_eq!(delivered, 40);
     let state = env.webhook(hook).await;
     assert!(state.has_last_delivery && state.consecutive_failures == 0);
+}
+
+#[tokio::test]
+async fn recording_a_success_does_not_wait_for_deliveries_being_inserted_for_its_webhook() {
+    let (env, hook, store) = one_hook().await;
+    let stored = store.store_events(&[parsed("p", "t")]).await.unwrap();
+    let job = &stored[0].as_ref().unwrap()[0];
+    // Another batch inserting a delivery for the same webhook, not yet committed: its
+    // foreign key check holds a key-share lock on the webhook row. A success that resets
+    // the webhook's counter must not wait for it (two batches doing this in turn on
+    // several webhooks deadlocked, stalling every write for deadlock_timeout).
+    let mut inserting = env.pool.begin().await.unwrap();
+    sqlx::query(
+        "WITH e AS (INSERT INTO control_plane.events (id, project_id, event_type, data, occurred_at) \
+           VALUES (gen_random_uuid(), 'p', 't', '{}', now()) RETURNING id) \
+         INSERT INTO control_plane.webhook_deliveries (webhook_id, event_id, project_id, event_type) \
+         SELECT $1, id, 'p', 't' FROM e",
+    )
+    .bind(hook)
+    .execute(&mut *inserting)
+    .await
+    .unwrap();
+    let ok = answered(200);
+    let success = Success::new(job, Utc::now(), &ok);
+    let recorded = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.record_successes(&[success]),
+    )
+    .await
+    .expect("recording waited on the other transaction's lock")
+    .unwrap();
+    assert_eq!(recorded, vec![true]);
+    assert!(
+        env.webhook(hook).await.has_last_delivery,
+        "the counter was reset"
+    );
+    inserting.rollback().await.unwrap();
 }
