@@ -3,11 +3,12 @@
 //! attempt together with the webhook's failure counter and disabled state (CONTRACT §2, §3).
 
 use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{FromRow, Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -225,7 +226,7 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy(url)?;
+            .connect_lazy_with(connect_options(url)?);
         Ok(Store { pool })
     }
 
@@ -847,6 +848,30 @@ async fn update_webhook(
     Ok(Some(stopped.max(0) as u64))
 }
 
+/// The connection options of `DATABASE_URL`. Without an `sslmode` (in the URL or
+/// `PGSSLMODE`), a Postgres on this host (loopback or a Unix socket) is reached without
+/// TLS, which protects nothing there and costs CPU on both sides of every statement;
+/// anywhere else TLS is used when the server offers it (`prefer`), as libpq does.
+fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?;
+    let sslmode_given = std::env::var_os("PGSSLMODE").is_some()
+        || url::Url::parse(url).is_ok_and(|u| u.query_pairs().any(|(k, _)| k == "sslmode"));
+    if sslmode_given || !is_local(options.get_host()) {
+        return Ok(options);
+    }
+    Ok(options.ssl_mode(PgSslMode::Disable))
+}
+
+/// Whether a Postgres host is this machine: loopback, `localhost`, or a socket directory.
+fn is_local(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host.starts_with('/')
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn jobs(rows: Vec<(Uuid, WebhookRow)>, attempt: u32, event: Arc<StoredEvent>) -> Vec<Job> {
     rows.into_iter()
         .map(|(delivery_id, webhook)| Job {
@@ -894,5 +919,42 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
                 || code.starts_with("57P")
         }),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(url: &str) -> PgSslMode {
+        connect_options(url).unwrap().get_ssl_mode()
+    }
+
+    #[test]
+    fn a_postgres_on_this_host_is_reached_without_tls_unless_the_url_says_otherwise() {
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1:5432/db"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://u@localhost/db"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://u@[::1]:5432/db"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1/db?sslmode=require"),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://u@db.internal/db"),
+            PgSslMode::Prefer
+        ));
+        assert!(matches!(
+            mode("postgres://u@10.0.0.5/db"),
+            PgSslMode::Prefer
+        ));
     }
 }
