@@ -20,6 +20,21 @@ pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
     })
 }
 
+/// How long closing a channel or connection may take: the work is done by then, and a
+/// close whose answer never comes (the socket already gone) must not keep a command or a
+/// stopping worker from exiting.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes a connection, politely but within [`CLOSE_TIMEOUT`].
+pub async fn close(conn: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into())).await;
+}
+
+/// Closes a channel, politely but within [`CLOSE_TIMEOUT`].
+pub async fn close_channel(channel: &Channel, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into())).await;
+}
+
 /// A publish the broker did not take.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

@@ -60,6 +60,6 @@ impl Producer {
     }
 
     pub async fn close(self) {
-        let _ = self.conn.close(200, "published".into()).await;
+        amqp::close(&self.conn, "published").await;
     }
 }

@@ -8,6 +8,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
+use crate::amqp;
 use crate::config::{QueueType, RetrySchedule};
 
 pub const EXCHANGE: &str = "webhook.events";
@@ -96,7 +97,7 @@ pub async fn declare(
         )
         .await
         .map_err(|e| TopologyError::from_lapin(EXCHANGE, e))?;
-    let _ = channel.close(200, "declared".into()).await;
+    amqp::close_channel(&channel, "declared").await;
 
     declare_queue(conn, DEAD_QUEUE, dead_queue_args(queue_type)).await?;
     let work = declare_queue(conn, WORK_QUEUE, work_queue_args(queue_type)).await?;
@@ -110,7 +111,7 @@ pub async fn declare(
     )
     .await
     .map_err(|e| TopologyError::from_lapin(WORK_QUEUE, e))?;
-    let _ = work.close(200, "declared".into()).await;
+    amqp::close_channel(&work, "declared").await;
 
     let mut delays = schedule.tiers();
     delays.extend(PARK_DELAYS);
@@ -119,7 +120,7 @@ pub async fn declare(
     for delay in delays {
         let name = retry_queue(delay);
         let channel = declare_queue(conn, &name, retry_queue_args(queue_type, delay)).await?;
-        let _ = channel.close(200, "declared".into()).await;
+        amqp::close_channel(&channel, "declared").await;
     }
     Ok(())
 }

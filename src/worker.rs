@@ -195,7 +195,7 @@ async fn session(
     };
     drain(&mut tasks, drain_for).await;
     acks.finish().await;
-    let _ = conn.close(200, "webhook-worker stopping".into()).await;
+    amqp::close(&conn, "webhook-worker stopping").await;
     end
 }
 

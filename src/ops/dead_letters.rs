@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::table::{Table, fields};
 use super::{Output, confirm, excerpt};
-use crate::amqp::Publisher;
+use crate::amqp::{self, Publisher};
 use crate::config::Config;
 use crate::topology::{self, DEAD_QUEUE, header_str};
 
@@ -95,8 +95,8 @@ pub async fn run(command: DeadLettersCommand, config: &Config, out: Output) -> a
         DeadLettersCommand::Requeue(args) => requeue(&conn, &channel, args, out).await,
     };
     // Closed in order: a channel dropped while its connection closes makes lapin log an error.
-    let _ = channel.close(200, "done".into()).await;
-    let _ = conn.close(200, "done".into()).await;
+    amqp::close_channel(&channel, "done").await;
+    amqp::close(&conn, "done").await;
     result
 }
 

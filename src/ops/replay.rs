@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{Output, Progress, Since, confirm};
-use crate::amqp::Publisher;
+use crate::amqp::{self, Publisher};
 use crate::config::Config;
 use crate::event::TraceContext;
 use crate::message::RetryTask;
@@ -89,7 +89,7 @@ pub async fn run(args: ReplayArgs, config: &Config, out: Output) -> anyhow::Resu
     let conn = super::amqp(config).await?;
     let publisher = Publisher::open(&conn).await.context("opening a channel")?;
     let report = replay_all(pool, &publisher, &ids).await;
-    let _ = conn.close(200, "replayed".into()).await;
+    amqp::close(&conn, "replayed").await;
     let report = report?;
     out.emit(&report, || {
         println!("replayed {} deliveries", report.replayed.len());
