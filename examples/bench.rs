@@ -46,6 +46,17 @@ const CONFIRM_WINDOW: usize = 1000;
 /// ceiling's consumer too.
 const PREFETCH: u16 = 512;
 
+/// Lets the previous step's background work finish before a measurement: a Postgres
+/// checkpoint (the WAL of the last scenario written out now, not during the next) and a
+/// pause for RabbitMQ to write its queue segments.
+async fn quiesce() -> anyhow::Result<()> {
+    let admin = PgPool::connect(&admin_db()).await?;
+    sqlx::query("CHECKPOINT").execute(&admin).await?;
+    admin.close().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok(())
+}
+
 fn admin_db() -> String {
     std::env::var("BENCH_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
@@ -737,6 +748,7 @@ impl Bench {
         env.declare_topology().await?;
         let ids = publish_events(&env, events).await?;
         let total = events * hooks;
+        quiesce().await?;
         eprintln!("   {events} events x {hooks} webhooks published; starting the worker");
         let worker = Worker::start(&env, &[])?;
         let (ready, ready_at) = worker.wait_ready().await?;
@@ -1379,6 +1391,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if on("drain") {
         eprintln!("== 1 drain");
+        quiesce().await?;
         r.drain = Some(
             bench
                 .throughput("drain", bench.n(20_000), 1, &mut problems)
@@ -1387,6 +1400,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if on("fanout") {
         eprintln!("== 2 fan-out");
+        quiesce().await?;
         r.fanout = Some(
             bench
                 .throughput("fanout", bench.n(1_000), 20, &mut problems)
@@ -1395,14 +1409,17 @@ async fn main() -> anyhow::Result<()> {
     }
     if on("latency") {
         eprintln!("== 3 latency");
+        quiesce().await?;
         r.latency = Some(bench.latency(&mut problems).await?);
     }
     if on("hung") {
         eprintln!("== 4 hung receiver");
+        quiesce().await?;
         r.hung = Some(bench.hung(&mut problems).await?);
     }
     if on("retries") {
         eprintln!("== 5 waiting retries");
+        quiesce().await?;
         r.retries = Some(bench.retries(&mut problems).await?);
     }
     r.problems = problems;
