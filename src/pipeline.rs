@@ -379,29 +379,7 @@ impl Pipeline {
                 job.schedule_attempt(),
                 &result,
             );
-            let (recorded, retried) = match outcome {
-                Outcome::Delivered => {
-                    let success = Success::new(&job, started_at, &result);
-                    let (recorded, retried) = self
-                        .db_retried("recording the attempt", || {
-                            self.successes.run(success.clone())
-                        })
-                        .await?;
-                    (Recorded::delivered(recorded), retried)
-                }
-                _ => {
-                    self.db_retried("recording the attempt", || {
-                        Box::pin(self.store.record(
-                            &job,
-                            started_at,
-                            &result,
-                            outcome,
-                            self.policy(),
-                        ))
-                    })
-                    .await?
-                }
-            };
+            let (recorded, retried) = self.record(&job, started_at, &result, outcome).await?;
             log_attempt(&result, outcome, recorded);
             let Recorded::Status { status, stopped } = recorded else {
                 if retried {
@@ -437,6 +415,34 @@ impl Pipeline {
             Ok(())
         }
         .instrument(span)
+        .await
+    }
+
+    /// Records an attempt, telling also whether the step ran again after a transient error
+    /// ([`Pipeline::db_retried`]). A success goes in a batch with others; a failure is its
+    /// own transaction, as it may disable the webhook.
+    async fn record(
+        &self,
+        job: &Job,
+        started_at: DateTime<Utc>,
+        result: &AttemptResult,
+        outcome: Outcome,
+    ) -> Result<(Recorded, bool), Failure> {
+        if outcome == Outcome::Delivered {
+            let success = Success::new(job, started_at, result);
+            let (recorded, retried) = self
+                .db_retried("recording the attempt", || {
+                    self.successes.run(success.clone())
+                })
+                .await?;
+            return Ok((Recorded::delivered(recorded), retried));
+        }
+        self.db_retried("recording the attempt", || {
+            Box::pin(
+                self.store
+                    .record(job, started_at, result, outcome, self.policy()),
+            )
+        })
         .await
     }
 
