@@ -561,7 +561,8 @@ impl Store {
     }
 
     /// Records an attempt: its row, the webhook's counter (and disabled state), and the
-    /// delivery's new state, in one transaction.
+    /// delivery's new state, in one transaction. A success is handed to
+    /// [`Store::record_successes`] (the worker batches those itself).
     pub async fn record(
         &self,
         job: &Job,
@@ -628,7 +629,6 @@ impl Store {
                  ELSE $7 END, \
                duration_ms = $8, \
                next_retry_at = CASE WHEN $2 = 'failed' AND NOT stopped THEN $9 END, \
-               delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE d.delivered_at END, \
                updated_at = now() \
              FROM (SELECT id, disabled_reason, $2 = 'failed' AND disabled AS stopped \
                    FROM control_plane.webhooks) w \
@@ -654,12 +654,13 @@ impl Store {
 
     /// Records successful attempts, many in one statement (one round trip and one
     /// transaction): each attempt's row, its delivery `delivered`, and its webhook's counter
-    /// reset (skipped when there is nothing to reset, as in `update_webhook`). Webhooks are
-    /// locked in id order, and `FOR NO KEY UPDATE`, which leaves alone the key-share locks
-    /// that inserting a delivery takes on its webhook, so that batches never deadlock on
-    /// them. The delivery and the webhook change only where the attempt row is new. For each success in order:
-    /// whether it was recorded here (false: recorded before, or its delivery is gone). A
-    /// success never disables anything.
+    /// reset. The reset is skipped when there is nothing to reset but `last_delivery_at`
+    /// within the last second: otherwise every delivery to a busy webhook would queue on
+    /// its row lock. Webhooks are locked in id order and `FOR NO KEY UPDATE`, which leaves
+    /// alone the key-share locks that inserting a delivery takes on its webhook, so batches
+    /// never deadlock on them. The delivery and the webhook change only where the attempt
+    /// row is new. For each success in order: whether it was recorded here (false:
+    /// recorded before, or its delivery is gone). A success never disables anything.
     pub async fn record_successes(&self, done: &[Success]) -> Result<Vec<bool>, sqlx::Error> {
         let column =
             |f: fn(&Success) -> Option<i32>| -> Vec<Option<i32>> { done.iter().map(f).collect() };
@@ -764,12 +765,10 @@ fn duration_ms(result: &AttemptResult) -> i32 {
     i32::try_from(result.duration.as_millis()).unwrap_or(i32::MAX)
 }
 
-/// Counts the attempt on the webhook unless the webhook was disabled or re-enabled since
-/// the row the attempt used was read, and disables it when the policy says so. A success
-/// that changes nothing but `last_delivery_at`, within a second of the last one written,
-/// leaves the row alone: otherwise every delivery to a busy webhook would queue on its
-/// row lock until the one before it committed. Returns, when it disabled it,
-/// how many other deliveries it stopped.
+/// Counts a failed attempt on the webhook unless the webhook was disabled or re-enabled
+/// since the row the attempt used was read, and disables it when the policy says so
+/// (successes reset the counter in [`Store::record_successes`]). Returns, when it
+/// disabled it, how many other deliveries it stopped.
 async fn update_webhook(
     tx: &mut Transaction<'_, Postgres>,
     job: &Job,
@@ -777,21 +776,16 @@ async fn update_webhook(
     outcome: Outcome,
     policy: DisablePolicy,
 ) -> Result<Option<u64>, sqlx::Error> {
-    let ok = result.succeeded();
     let counted: Option<(i32, Option<f64>)> = sqlx::query_as(
         "UPDATE control_plane.webhooks SET \
-           consecutive_failures = CASE WHEN $2 THEN 0 ELSE consecutive_failures + 1 END, \
-           failing_since = CASE WHEN $2 THEN NULL ELSE COALESCE(failing_since, now()) END, \
-           last_delivery_at = CASE WHEN $2 THEN now() ELSE last_delivery_at END, \
-           last_failure_at = CASE WHEN $2 THEN last_failure_at ELSE now() END \
-         WHERE id = $1 AND NOT disabled AND disabled_changed_at = $3 \
-           AND NOT ($2 AND consecutive_failures = 0 AND failing_since IS NULL \
-                    AND coalesce(last_delivery_at > now() - interval '1 second', false)) \
+           consecutive_failures = consecutive_failures + 1, \
+           failing_since = COALESCE(failing_since, now()), \
+           last_failure_at = now() \
+         WHERE id = $1 AND NOT disabled AND disabled_changed_at = $2 \
          RETURNING consecutive_failures, \
            EXTRACT(EPOCH FROM now() - failing_since)::float8",
     )
     .bind(job.webhook.id)
-    .bind(ok)
     .bind(job.webhook.disabled_changed_at)
     .fetch_optional(&mut **tx)
     .await?;
@@ -801,8 +795,7 @@ async fn update_webhook(
     let failing_for = Duration::from_secs_f64(failing_secs.unwrap_or(0.0).max(0.0));
     let reason = if outcome == Outcome::Gone {
         Some("the endpoint answered 410 Gone".to_string())
-    } else if !ok
-        && policy.after_failures > 0
+    } else if policy.after_failures > 0
         && failures as u32 >= policy.after_failures
         && failing_for >= policy.after_failing_for
     {
