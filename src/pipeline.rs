@@ -196,15 +196,14 @@ impl Pipeline {
     /// in a span that continues the trace named in its headers.
     pub async fn handle(&self, delivery: &Delivery, session: &Session) -> Disposition {
         let span = consume_span(delivery);
-        let result = async {
+        let handling = async {
             if is_retry(delivery) {
                 self.handle_retry(delivery, session).await
             } else {
                 self.handle_event(delivery, session).await
             }
-        }
-        .instrument(span)
-        .await;
+        };
+        let result = telemetry::within(&trace_of(delivery), handling.instrument(span)).await;
         result.unwrap_or_else(Disposition::from)
     }
 
@@ -824,7 +823,8 @@ fn consume_span(delivery: &Delivery) -> Span {
         delivery_id = tracing::field::Empty,
         attempt = tracing::field::Empty
     );
-    // Fails only without a tracer (in-process tests); the span then starts no trace.
+    // Fails only when spans are not recorded (no exporter): `telemetry::within` then keeps
+    // the trace.
     let _ = span.set_parent(telemetry::parent(&trace_of(delivery)));
     span.set_attribute("messaging.system", "rabbitmq");
     span.set_attribute("messaging.operation.type", "process");

@@ -45,17 +45,16 @@ impl Producer {
             "messaging.rabbitmq.destination.routing_key",
             event.event_type.clone(),
         );
-        // Without a tracer (the library used on its own) the given context goes on as is.
-        let trace = Some(telemetry::propagate(&span))
-            .filter(|t| t.traceparent.is_some())
-            .unwrap_or(given);
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_headers(trace_headers(&trace));
-        self.publisher
-            .publish(topology::EXCHANGE, &event.event_type, body, properties)
-            .instrument(span)
-            .await?;
+        let publishing = async {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_headers(trace_headers(&telemetry::propagate(&span)));
+            self.publisher
+                .publish(topology::EXCHANGE, &event.event_type, body, properties)
+                .instrument(span.clone())
+                .await
+        };
+        telemetry::within(&given, publishing).await?;
         Ok(event)
     }
 
