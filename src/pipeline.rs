@@ -124,8 +124,10 @@ const STALE_ROW: Duration = Duration::from_secs(1);
 
 /// How long a webhook may give back no place to a waiting delivery before that delivery
 /// is parked: a fast webhook's burst just queues here, while a hung one's deliveries do
-/// not hold their messages (and the prefetch) for long.
-const PARK_AFTER: Duration = Duration::from_millis(500);
+/// not hold their messages (and the prefetch) for long. Only a webhook with all of
+/// `MAX_IN_FLIGHT_PER_WEBHOOK` requests open for this long, none of them answered, counts
+/// as stalled; at 500 ms the prefetch filled up behind a hung one before that was known.
+const PARK_AFTER: Duration = Duration::from_millis(250);
 
 /// Attempts of fanned-out events under way per `MAX_IN_FLIGHT` slot: enough to keep every
 /// slot busy while some wait for their webhook, few enough to bound the memory they hold.
