@@ -159,8 +159,8 @@ tokio::task_local! {
 }
 
 /// Runs `handling` (of a message, or a publish) within the trace `trace` names, or within
-/// a new trace when it names none. Spans record this already when they are exported;
-/// without an exporter, [`propagate`] and the log lines take the trace from here.
+/// a new trace when it names none. Exported spans carry their trace themselves; without
+/// an exporter, [`propagate`] and the log lines take it from here.
 pub async fn within<F: Future>(trace: &TraceContext, handling: F) -> F::Output {
     let context = parent(trace);
     let span = context.span();
