@@ -197,7 +197,8 @@ impl Pipeline {
     /// Handles one message from the work queue: a retry message or a producer's event,
     /// in a span that continues the trace named in its headers.
     pub async fn handle(&self, delivery: &Delivery, session: &Session) -> Disposition {
-        let span = consume_span(delivery);
+        let inbound = telemetry::parent(&trace_of(delivery));
+        let span = consume_span(delivery, &inbound);
         let handling = async {
             if is_retry(delivery) {
                 self.handle_retry(delivery, session).await
@@ -205,7 +206,7 @@ impl Pipeline {
                 self.handle_event(delivery, session).await
             }
         };
-        let result = telemetry::within(&trace_of(delivery), handling.instrument(span)).await;
+        let result = telemetry::within(&inbound, handling.instrument(span)).await;
         result.unwrap_or_else(Disposition::from)
     }
 
@@ -817,7 +818,7 @@ fn trace_of(delivery: &Delivery) -> TraceContext {
 
 /// The span of handling one message (OpenTelemetry messaging conventions), a child of the
 /// span that published it: the producer's, or the attempt that scheduled a retry.
-fn consume_span(delivery: &Delivery) -> Span {
+fn consume_span(delivery: &Delivery, inbound: &opentelemetry::Context) -> Span {
     let span = info_span!(
         "process webhook.events.work",
         otel.kind = "consumer",
@@ -827,7 +828,7 @@ fn consume_span(delivery: &Delivery) -> Span {
     );
     // Fails only when spans are not recorded (no exporter): `telemetry::within` then keeps
     // the trace.
-    let _ = span.set_parent(telemetry::parent(&trace_of(delivery)));
+    let _ = span.set_parent(inbound.clone());
     span.set_attribute("messaging.system", "rabbitmq");
     span.set_attribute("messaging.operation.type", "process");
     span.set_attribute("messaging.operation.name", "process");

@@ -37,7 +37,8 @@ impl Producer {
         let given = TraceContext::new(traceparent, None);
         let span =
             info_span!("publish webhook.events", otel.kind = "producer", event_id = %event.id);
-        let _ = span.set_parent(telemetry::parent(&given));
+        let inbound = telemetry::parent(&given);
+        let _ = span.set_parent(inbound.clone());
         span.set_attribute("messaging.system", "rabbitmq");
         span.set_attribute("messaging.operation.type", "send");
         span.set_attribute("messaging.destination.name", topology::EXCHANGE);
@@ -54,7 +55,7 @@ impl Producer {
                 .instrument(span.clone())
                 .await
         };
-        telemetry::within(&given, publishing).await?;
+        telemetry::within(&inbound, publishing).await?;
         Ok(event)
     }
 

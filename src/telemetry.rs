@@ -158,15 +158,14 @@ tokio::task_local! {
     static HANDLING: SpanContext;
 }
 
-/// Runs `handling` (of a message, or a publish) within the trace `trace` names, or within
-/// a new trace when it names none. Exported spans carry their trace themselves; without
-/// an exporter, [`propagate`] and the log lines take it from here.
-pub async fn within<F: Future>(trace: &TraceContext, handling: F) -> F::Output {
-    let context = parent(trace);
-    let span = context.span();
-    let inbound = span.span_context();
-    let handling_context = if inbound.is_valid() {
-        child_of(inbound)
+/// Runs `handling` (of a message, or a publish) within the trace of `inbound` (its
+/// [`parent`]), or within a new trace when that is empty. Exported spans carry their trace
+/// themselves; without an exporter, [`propagate`] and the log lines take it from here.
+pub async fn within<F: Future>(inbound: &Context, handling: F) -> F::Output {
+    let span = inbound.span();
+    let producer = span.span_context();
+    let handling_context = if producer.is_valid() {
+        child_of(producer)
     } else {
         new_trace()
     };
@@ -288,7 +287,7 @@ mod tests {
     #[tokio::test]
     async fn without_recorded_spans_requests_continue_the_messages_trace() {
         let given = TraceContext::new(Some(PRODUCER), Some("vendor=x"));
-        let (first, second) = within(&given, async {
+        let (first, second) = within(&parent(&given), async {
             (propagate(&Span::current()), propagate(&Span::none()))
         })
         .await;
@@ -312,7 +311,7 @@ mod tests {
             TraceContext::default(),
             TraceContext::new(Some("00-garbage-01"), None),
         ] {
-            let (first, second) = within(&given, async {
+            let (first, second) = within(&parent(&given), async {
                 (propagate(&Span::none()), propagate(&Span::none()))
             })
             .await;
@@ -351,7 +350,7 @@ mod tests {
             .event_format(WithTraceIds(tracing_subscriber::fmt::format()));
         let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(logs));
         let given = TraceContext::new(Some(PRODUCER), None);
-        let sent = within(&given, async {
+        let sent = within(&parent(&given), async {
             tracing::info!("handling");
             propagate(&Span::current())
         })
