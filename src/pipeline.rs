@@ -197,13 +197,14 @@ impl Pipeline {
     /// Handles one message from the work queue: a retry message or a producer's event,
     /// in a span that continues the trace named in its headers.
     pub async fn handle(&self, delivery: &Delivery, session: &Session) -> Disposition {
-        let inbound = telemetry::parent(&trace_of(delivery));
+        let trace = trace_of(delivery);
+        let inbound = telemetry::parent(&trace);
         let span = consume_span(delivery, &inbound);
         let handling = async {
             if is_retry(delivery) {
                 self.handle_retry(delivery, session).await
             } else {
-                self.handle_event(delivery, session).await
+                self.handle_event(delivery, trace, session).await
             }
         };
         let result = telemetry::within(&inbound, handling.instrument(span)).await;
@@ -213,9 +214,10 @@ impl Pipeline {
     async fn handle_event(
         &self,
         delivery: &Delivery,
+        trace: TraceContext,
         session: &Session,
     ) -> Result<Disposition, Failure> {
-        let event = match Event::parse(&delivery.data, trace_of(delivery), Utc::now()) {
+        let event = match Event::parse(&delivery.data, trace, Utc::now()) {
             Ok(event) => Arc::new(event),
             Err(invalid) => return Ok(Disposition::DeadLetter(invalid.0)),
         };
