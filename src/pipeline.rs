@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, try_join_all};
 use futures_util::stream::FuturesUnordered;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -30,7 +30,8 @@ use crate::metrics::Metrics;
 use crate::notify;
 use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
 use crate::store::{
-    DeliveryStatus, DisablePolicy, Job, NoClaim, Recorded, ScheduledRetry, Store, Success,
+    DeliveryStatus, DisablePolicy, FannedOut, Job, NoClaim, Recorded, ScheduledRetry, Store,
+    Success,
 };
 use crate::telemetry;
 use crate::topology::{self, header_str};
@@ -107,8 +108,8 @@ pub struct Pipeline {
     /// `MAX_IN_FLIGHT_PER_WEBHOOK`: a permit per attempt to one webhook.
     per_webhook: PerWebhook,
     pub metrics: Arc<Metrics>,
-    /// Stores events, many messages' at a time.
-    events: Batcher<Arc<Event>, Option<Vec<Job>>>,
+    /// Stores events, many messages' at a time, each with the webhooks stalled as it came.
+    events: Batcher<(Arc<Event>, Vec<Uuid>), Option<FannedOut>>,
     /// Records successful attempts, many at a time.
     successes: Batcher<Success, bool>,
     /// Gives back the claims of parked deliveries, many at a time.
@@ -164,7 +165,7 @@ impl Pipeline {
             concurrency: (config.database_pool_size as usize / 4).max(1),
             max_batch: MAX_BATCH,
         };
-        let events = Batcher::spawn(store.clone(), store_events, |e| (e.id, 0), limits);
+        let events = Batcher::spawn(store.clone(), store_events, |(e, _)| (e.id, 0), limits);
         let successes = Batcher::spawn(
             store.clone(),
             record_successes,
@@ -227,11 +228,15 @@ impl Pipeline {
         span.set_attribute("event_type", event.event_type.clone());
         span.set_attribute("project_id", event.project_id.clone());
         async {
+            // Deliveries to a webhook known to be stalled are parked at once, never claimed.
+            let stalled = self.per_webhook.stalled_webhooks(PARK_AFTER);
             let (stored, retried) = self
-                .db_retried("storing the event", || self.events.run(event.clone()))
+                .db_retried("storing the event", || {
+                    self.events.run((event.clone(), stalled.clone()))
+                })
                 .await?;
-            let (jobs, retries) = match stored {
-                Some(jobs) => (jobs, Vec::new()),
+            let (fanned_out, retries) = match stored {
+                Some(fanned_out) => (fanned_out, Vec::new()),
                 // Delivered again, or stored by our own first try whose answer was lost.
                 None if delivery.redelivered || retried => {
                     debug!("event delivered again; resuming its unfinished deliveries");
@@ -247,19 +252,33 @@ impl Pipeline {
                         .db("resuming the event", || self.store.resume_event(event.id))
                         .await?;
                     self.renotify_event(event.id, session).await?;
-                    resumed
+                    let (jobs, retries) = resumed;
+                    let parked = Vec::new();
+                    (FannedOut { jobs, parked }, retries)
                 }
                 None => {
                     info!("event id already stored; duplicate ignored");
                     return Ok(Disposition::Duplicate);
                 }
             };
-            Span::current().record("deliveries", jobs.len() + retries.len());
-            debug!(deliveries = jobs.len(), "fanned out");
+            let FannedOut { jobs, parked } = fanned_out;
+            let deliveries = jobs.len() + parked.len() + retries.len();
+            Span::current().record("deliveries", deliveries);
+            debug!(deliveries, parked = parked.len(), "fanned out");
             for retry in &retries {
                 self.reschedule(retry, session).await?;
             }
-            self.attempt_all(jobs, session).await?;
+            // Both run to their end, so no attempt is dropped half-way for a failed park.
+            let (parking, attempts) = tokio::join!(
+                try_join_all(
+                    parked
+                        .iter()
+                        .map(|p| { self.park_again(p.delivery_id, 1, 0, p.webhook_id, session) })
+                ),
+                self.attempt_all(jobs, session)
+            );
+            parking?;
+            attempts?;
             Ok(Disposition::Ack)
         }
         .instrument(span)
@@ -867,12 +886,20 @@ pub fn message_ref(delivery: &Delivery) -> String {
         .unwrap_or_else(|| format!("delivery tag {}", delivery.delivery_tag))
 }
 
-/// [`Store::store_events`] as a [`batch::BatchOp`].
+/// [`Store::store_events`] as a [`batch::BatchOp`]: a webhook stalled when any event of
+/// the batch came is parked for all of them.
 fn store_events<'a>(
     store: &'a Store,
-    events: &'a [Arc<Event>],
-) -> BoxFuture<'a, Result<Vec<Option<Vec<Job>>>, sqlx::Error>> {
-    Box::pin(store.store_events(events))
+    requests: &'a [(Arc<Event>, Vec<Uuid>)],
+) -> BoxFuture<'a, Result<Vec<Option<FannedOut>>, sqlx::Error>> {
+    let events: Vec<Arc<Event>> = requests.iter().map(|(event, _)| event.clone()).collect();
+    let mut park: Vec<Uuid> = requests
+        .iter()
+        .flat_map(|(_, p)| p.iter().copied())
+        .collect();
+    park.sort_unstable();
+    park.dedup();
+    Box::pin(async move { store.store_events(&events, &park).await })
 }
 
 /// [`Store::record_successes`] as a [`batch::BatchOp`].

@@ -80,6 +80,21 @@ pub struct Job {
     pub event: Arc<StoredEvent>,
 }
 
+/// A new event's deliveries: the claimed ones, to attempt now, and those to a stalled
+/// webhook, stored unclaimed, to park.
+#[derive(Debug, Default)]
+pub struct FannedOut {
+    pub jobs: Vec<Job>,
+    pub parked: Vec<Parked>,
+}
+
+/// A delivery stored `pending` (its first attempt unclaimed) because its webhook is stalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parked {
+    pub delivery_id: Uuid,
+    pub webhook_id: Uuid,
+}
+
 impl Job {
     /// Which attempt of the retry schedule this is (1-based): the attempt number, counted
     /// again from 1 after a replay.
@@ -266,15 +281,17 @@ impl Store {
             .map(|_| ())
     }
 
-    /// Stores new events and creates one `delivering` delivery per matching webhook, in one
-    /// statement (so one round trip and one transaction for the whole batch: an event's
-    /// deliveries are inserted only if the event is). For each event in order: its jobs, or
-    /// `None` when its id was already stored (nothing is written for it). The ids must be
-    /// distinct ([`crate::batch`] sees to it).
+    /// Stores new events and creates one delivery per matching webhook, in one statement
+    /// (so one round trip and one transaction for the whole batch: an event's deliveries
+    /// are inserted only if the event is). A delivery is claimed (`delivering`), except to
+    /// a webhook in `park`: that one starts `pending`, unclaimed, to be parked at once. For
+    /// each event in order: its fan-out, or `None` when its id was already stored (nothing
+    /// is written for it). The ids must be distinct ([`crate::batch`] sees to it).
     pub async fn store_events(
         &self,
         events: &[Arc<Event>],
-    ) -> Result<Vec<Option<Vec<Job>>>, sqlx::Error> {
+        park: &[Uuid],
+    ) -> Result<Vec<Option<FannedOut>>, sqlx::Error> {
         let received_at = Utc::now().trunc_subsecs(6);
         let column = |f: fn(&Event) -> Option<&str>| -> Vec<Option<&str>> {
             events.iter().map(|e| f(e)).collect()
@@ -298,11 +315,12 @@ impl Store {
              ins AS ( \
                INSERT INTO control_plane.webhook_deliveries \
                  (webhook_id, event_id, project_id, event_type, status) \
-               SELECT w.id, e.id, e.project_id, e.event_type, 'delivering' \
+               SELECT w.id, e.id, e.project_id, e.event_type, \
+                 CASE WHEN w.id = ANY($9::uuid[]) THEN 'pending' ELSE 'delivering' END \
                FROM e JOIN control_plane.webhooks w ON w.project_id = e.project_id \
                  AND NOT w.disabled AND (w.event_type = e.event_type OR w.event_type = '*') \
-               RETURNING id, webhook_id, event_id) \
-             SELECT e.id AS event_id, ins.id AS delivery_id, ",
+               RETURNING id, webhook_id, event_id, status) \
+             SELECT e.id AS event_id, ins.id AS delivery_id, ins.status = 'pending' AS parked, ",
             webhook_columns!(),
             " FROM e LEFT JOIN ins ON ins.event_id = e.id \
              LEFT JOIN control_plane.webhooks w ON w.id = ins.webhook_id"
@@ -315,19 +333,29 @@ impl Store {
         .bind(column(|e| e.trace.traceparent.as_deref()))
         .bind(column(|e| e.trace.tracestate.as_deref()))
         .bind(received_at)
+        .bind(park)
         .fetch_all(&self.pool)
         .await?;
-        let mut stored: HashMap<Uuid, Vec<(Uuid, WebhookRow)>> = HashMap::new();
+        let mut stored: HashMap<Uuid, (Claimed, Vec<Parked>)> = HashMap::new();
         for row in rows {
-            let deliveries = stored.entry(row.try_get("event_id")?).or_default();
-            if let Some(delivery_id) = row.try_get::<Option<Uuid>, _>("delivery_id")? {
-                deliveries.push((delivery_id, WebhookRow::from_row(&row)?));
+            let (claimed, parked) = stored.entry(row.try_get("event_id")?).or_default();
+            let Some(delivery_id) = row.try_get::<Option<Uuid>, _>("delivery_id")? else {
+                continue;
+            };
+            if row.try_get("parked")? {
+                let webhook_id = row.try_get("webhook_id")?;
+                parked.push(Parked {
+                    delivery_id,
+                    webhook_id,
+                });
+            } else {
+                claimed.push((delivery_id, WebhookRow::from_row(&row)?));
             }
         }
         Ok(events
             .iter()
             .map(|event| {
-                let rows = stored.remove(&event.id)?;
+                let (claimed, parked) = stored.remove(&event.id)?;
                 let stored = Arc::new(StoredEvent {
                     id: event.id,
                     event_type: event.event_type.clone(),
@@ -335,7 +363,10 @@ impl Store {
                     received_at,
                     data: event.data.get().to_string(),
                 });
-                Some(jobs(rows, 1, stored))
+                Some(FannedOut {
+                    jobs: jobs(claimed, 1, stored),
+                    parked,
+                })
             })
             .collect())
     }
@@ -865,7 +896,10 @@ fn is_local(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn jobs(rows: Vec<(Uuid, WebhookRow)>, attempt: u32, event: Arc<StoredEvent>) -> Vec<Job> {
+/// Claimed deliveries of an event: each delivery id with its webhook.
+type Claimed = Vec<(Uuid, WebhookRow)>;
+
+fn jobs(rows: Claimed, attempt: u32, event: Arc<StoredEvent>) -> Vec<Job> {
     rows.into_iter()
         .map(|(delivery_id, webhook)| Job {
             delivery_id,

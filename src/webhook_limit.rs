@@ -23,6 +23,11 @@ impl Entry {
     fn stalled_for(&self, patience: Duration) -> bool {
         self.last_release.lock().expect("never poisoned").elapsed() >= patience
     }
+
+    /// Every place taken, and none given back for `patience`.
+    fn full_and_stalled_for(&self, patience: Duration) -> bool {
+        self.places.available_permits() == 0 && self.stalled_for(patience)
+    }
 }
 
 /// One entry per webhook with attempts under way or waiting; a webhook's entry goes when
@@ -105,9 +110,19 @@ impl PerWebhook {
     /// delivery to it would only be parked again.
     pub fn stalled(&self, webhook_id: Uuid, patience: Duration) -> bool {
         let slots = self.slots.lock().expect("never poisoned");
-        slots.get(&webhook_id).is_some_and(|entry| {
-            entry.places.available_permits() == 0 && entry.stalled_for(patience)
-        })
+        slots
+            .get(&webhook_id)
+            .is_some_and(|entry| entry.full_and_stalled_for(patience))
+    }
+
+    /// The webhooks that are [`PerWebhook::stalled`] now (usually none).
+    pub fn stalled_webhooks(&self, patience: Duration) -> Vec<Uuid> {
+        let slots = self.slots.lock().expect("never poisoned");
+        slots
+            .iter()
+            .filter(|(_, entry)| entry.full_and_stalled_for(patience))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Webhooks with attempts under way or waiting.
@@ -173,8 +188,16 @@ mod tests {
             "a stalled webhook parks newcomers"
         );
         assert!(limit.stalled(id, patience));
+        let busy = Uuid::new_v4();
+        let _busy = limit.acquire(busy, patience).await.unwrap();
+        assert_eq!(
+            limit.stalled_webhooks(patience),
+            vec![id],
+            "a webhook that just got busy is not stalled"
+        );
         drop(held);
         assert!(!limit.stalled(id, patience));
+        assert!(limit.stalled_webhooks(patience).is_empty());
         assert!(limit.acquire(id, patience).await.is_some(), "free again");
     }
 

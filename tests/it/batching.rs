@@ -10,7 +10,7 @@ use uuid::Uuid;
 use webhook_worker::batch::{Batcher, Limits};
 use webhook_worker::event::{Event, TraceContext};
 use webhook_worker::outcome::AttemptResult;
-use webhook_worker::store::{Store, Success};
+use webhook_worker::store::{FannedOut, Store, Success};
 
 use crate::harness::{TestEnv, WebhookSpec, event};
 
@@ -56,24 +56,26 @@ async fn one_statement_stores_many_events_and_answers_each() {
     let before = parsed("p", "t");
     assert_eq!(
         store
-            .store_events(std::slice::from_ref(&before))
+            .store_events(std::slice::from_ref(&before), &[])
             .await
             .unwrap()[0]
             .as_ref()
             .unwrap()
+            .jobs
             .len(),
         2
     );
 
     let (two, none) = (parsed("p", "t"), parsed("nobody", "t"));
     let stored = store
-        .store_events(&[two.clone(), before.clone(), none.clone()])
+        .store_events(&[two.clone(), before.clone(), none.clone()], &[])
         .await
         .unwrap();
     let hooks = |i: usize| -> Vec<Uuid> {
         let mut ids: Vec<Uuid> = stored[i]
             .as_ref()
             .unwrap()
+            .jobs
             .iter()
             .map(|j| j.webhook.id)
             .collect();
@@ -85,7 +87,7 @@ async fn one_statement_stores_many_events_and_answers_each() {
     assert_eq!(hooks(0), both, "each matching webhook, once");
     assert!(stored[1].is_none(), "an id stored before is a duplicate");
     assert!(hooks(2).is_empty(), "stored, with no webhook to deliver to");
-    for job in stored[0].as_ref().unwrap() {
+    for job in &stored[0].as_ref().unwrap().jobs {
         assert_eq!(job.event.id, two.id);
         assert_eq!(job.event.data, two.data.get());
     }
@@ -104,6 +106,46 @@ async fn one_statement_stores_many_events_and_answers_each() {
     assert!(deliveries.iter().all(|(_, s)| s == "delivering"));
 }
 
+#[tokio::test]
+async fn a_delivery_to_a_stalled_webhook_is_stored_unclaimed_for_parking() {
+    let env = TestEnv::new().await;
+    let url = "http://127.0.0.1:9/";
+    let healthy = env.add_webhook(WebhookSpec::new("p", "t", url)).await;
+    let stalled = env.add_webhook(WebhookSpec::new("p", "t", url)).await;
+    let store = store(&env);
+    let events = [parsed("p", "t"), parsed("p", "t")];
+    let stored = store.store_events(&events, &[stalled]).await.unwrap();
+    for (event, fanned_out) in events.iter().zip(&stored) {
+        let FannedOut { jobs, parked } = fanned_out.as_ref().unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].webhook.id, healthy);
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].webhook_id, stalled);
+        let statuses: Vec<(Uuid, Uuid, String, i32)> = sqlx::query_as(
+            "SELECT id, webhook_id, status, attempts FROM control_plane.webhook_deliveries \
+             WHERE event_id = $1",
+        )
+        .bind(event.id)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        for (id, webhook, status, attempts) in statuses {
+            assert_eq!(attempts, 0);
+            if webhook == stalled {
+                assert_eq!(id, parked[0].delivery_id);
+                assert_eq!(status, "pending", "unclaimed: the parked message claims it");
+            } else {
+                assert_eq!(id, jobs[0].delivery_id);
+                assert_eq!(status, "delivering");
+            }
+        }
+    }
+    // The parked message's claim takes it, like any unclaimed first attempt.
+    let parked = stored[0].as_ref().unwrap().parked[0];
+    let job = store.claim(parked.delivery_id, 1, false).await.unwrap();
+    assert_eq!(job.map(|j| j.webhook.id).ok(), Some(stalled));
+}
+
 fn record<'a>(
     store: &'a Store,
     done: &'a [Success],
@@ -116,11 +158,11 @@ async fn a_batch_postgres_refuses_is_run_again_one_by_one_so_one_bad_request_fai
     let (env, hook, store) = one_hook().await;
     let events: Vec<Arc<Event>> = (0..40).map(|_| parsed("p", "t")).collect();
     let jobs: Vec<_> = store
-        .store_events(&events)
+        .store_events(&events, &[])
         .await
         .unwrap()
         .into_iter()
-        .flat_map(|jobs| jobs.unwrap())
+        .flat_map(|fanned_out| fanned_out.unwrap().jobs)
         .collect();
     assert_eq!(jobs.len(), 40);
 
@@ -174,8 +216,8 @@ async fn a_batch_postgres_refuses_is_run_again_one_by_one_so_one_bad_request_fai
 #[tokio::test]
 async fn recording_a_success_does_not_wait_for_deliveries_being_inserted_for_its_webhook() {
     let (env, hook, store) = one_hook().await;
-    let stored = store.store_events(&[parsed("p", "t")]).await.unwrap();
-    let job = &stored[0].as_ref().unwrap()[0];
+    let stored = store.store_events(&[parsed("p", "t")], &[]).await.unwrap();
+    let job = &stored[0].as_ref().unwrap().jobs[0];
     // Another batch inserting a delivery for the same webhook, not yet committed: its
     // foreign key check holds a key-share lock on the webhook row. A success that resets
     // the webhook's counter must not wait for it (two batches doing this in turn on
