@@ -7,8 +7,10 @@
 //!     cargo run --release --example bench [-- --quick] [-- scenario ...]
 //!
 //! Scenarios: `ceilings`, `drain`, `fanout`, `latency`, `hung`, `retries`. `BENCH_SCALE`
-//! (default 1, `--quick` = 0.1) scales every count and duration. Each scenario gets its
-//! own database and vhost, named `wwbench_*`, dropped at its end.
+//! (default 1, `--quick` = 0.1) scales every count and duration. The ceilings, drain,
+//! fan-out and hung receiver run `BENCH_TRIALS` times (default 3), interleaved, and their
+//! figures are the medians. Each scenario gets its own database and vhost, named
+//! `wwbench_*`, dropped at its end.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -679,17 +681,56 @@ async fn check(
 
 /// Everything measured, for the table.
 #[derive(Default)]
+/// The ceilings, drain, fan-out and hung receiver are measured once per trial, the trials
+/// interleaved (`BENCH_TRIALS`, default 3), and the table shows each figure's median with
+/// every trial's value: one run of a few seconds on a shared 2-core machine moves by ±30%.
 struct Results {
-    broker_publish: Option<f64>,
-    broker_consume: Option<f64>,
-    receiver_rate: Option<f64>,
-    postgres_commits: Option<f64>,
-    drain: Option<Throughput>,
-    fanout: Option<Throughput>,
+    trials: usize,
+    broker_publish: Vec<f64>,
+    broker_consume: Vec<f64>,
+    receiver_rate: Vec<f64>,
+    postgres_commits: Vec<f64>,
+    drain: Vec<Throughput>,
+    fanout: Vec<Throughput>,
     latency: Option<Latency>,
-    hung: Option<Hung>,
+    hung: Vec<Hung>,
     retries: Option<Retries>,
     problems: Vec<String>,
+}
+
+/// The median of the trials (the mean of the middle two of an even count), or `None` if
+/// the figure was not measured.
+fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    let (low, high) = (v.get(v.len().saturating_sub(1) / 2)?, v.get(v.len() / 2)?);
+    Some((low + high) / 2.0)
+}
+
+/// A rate's median, with every trial's value when there was more than one.
+fn fmt_trials(values: &[f64]) -> String {
+    let median = median(values.iter().copied()).unwrap_or(0.0);
+    if values.len() < 2 {
+        return fmt_rate(median);
+    }
+    let each: Vec<String> = values.iter().map(|v| format!("{v:.0}")).collect();
+    format!("{} (median of {})", fmt_rate(median), each.join(", "))
+}
+
+impl Throughput {
+    /// The trials as one: median rate and CPU, and the highest peak RSS.
+    fn summary(trials: &[Throughput]) -> Option<Throughput> {
+        Some(Throughput {
+            deliveries: trials.first()?.deliveries,
+            rate: median(trials.iter().map(|t| t.rate))?,
+            cpu_per_1000: median(trials.iter().map(|t| t.cpu_per_1000))?,
+            peak_rss: trials.iter().map(|t| t.peak_rss).fold(0.0, f64::max),
+        })
+    }
+
+    fn rates(trials: &[Throughput]) -> Vec<f64> {
+        trials.iter().map(|t| t.rate).collect()
+    }
 }
 
 struct Throughput {
@@ -1154,14 +1195,17 @@ fn met(ok: bool) -> &'static str {
 fn print_table(r: &Results, scale: f64) {
     let mut t = Table(Vec::new());
     let dash = || "-".to_string();
-    if let Some(d) = &r.drain {
-        let ratio = r.broker_consume.map(|c| d.rate / c);
+    let broker_consume = median(r.broker_consume.iter().copied());
+    let receiver_rate = median(r.receiver_rate.iter().copied());
+    let fanout = Throughput::summary(&r.fanout);
+    if let Some(d) = Throughput::summary(&r.drain) {
+        let ratio = broker_consume.map(|c| d.rate / c);
         t.row(
             &format!(
                 "1 drain: deliveries/s ({} events x 1 webhook)",
                 d.deliveries
             ),
-            fmt_rate(d.rate),
+            fmt_trials(&Throughput::rates(&r.drain)),
             ratio.map_or(dash(), |x| format!("{x:.2} of broker consume-ack")),
             ">= 4000/s; ratio >= 0.35",
             met(d.rate >= 4000.0 && ratio.is_none_or(|x| x >= 0.35)),
@@ -1181,15 +1225,14 @@ fn print_table(r: &Results, scale: f64) {
             met(d.peak_rss <= 64.0),
         );
     }
-    if let Some(f) = &r.fanout {
+    if let Some(f) = &fanout {
         t.row(
             &format!(
                 "2 fan-out: deliveries/s ({} events x 20 webhooks)",
                 f.deliveries / 20
             ),
-            fmt_rate(f.rate),
-            r.receiver_rate
-                .map_or(dash(), |c| format!("{:.2} of receiver", f.rate / c)),
+            fmt_trials(&Throughput::rates(&r.fanout)),
+            receiver_rate.map_or(dash(), |c| format!("{:.2} of receiver", f.rate / c)),
             ">= 8000/s",
             met(f.rate >= 8000.0),
         );
@@ -1232,14 +1275,20 @@ fn print_table(r: &Results, scale: f64) {
             "-",
         );
     }
-    if let Some(h) = &r.hung {
-        let ratio = r.fanout.as_ref().map(|f| h.rate / f.rate);
+    let hung_rates: Vec<f64> = r.hung.iter().map(|h| h.rate).collect();
+    if let Some(rate) = median(hung_rates.iter().copied()) {
+        let h = r
+            .hung
+            .iter()
+            .min_by(|a, b| (a.rate - rate).abs().total_cmp(&(b.rate - rate).abs()))
+            .expect("a trial");
+        let ratio = fanout.as_ref().map(|f| rate / f.rate);
         t.row(
             &format!(
-                "4 hung receiver: deliveries/s to the 9 healthy webhooks ({} in {:.1} s; {} parkings)",
+                "4 hung receiver: deliveries/s to the 9 healthy webhooks (trial nearest the median: {} in {:.1} s; {} parkings)",
                 h.healthy, h.window, h.parked
             ),
-            fmt_rate(h.rate),
+            fmt_trials(&hung_rates),
             ratio.map_or(dash(), |x| format!("{x:.3} of fan-out rate")),
             ">= 0.80 of healthy rate",
             ratio.map_or("-", |x| met(x >= 0.80)),
@@ -1274,37 +1323,37 @@ fn print_table(r: &Results, scale: f64) {
             met(w.depths.iter().skip(1).map(|d| d.1 as i64).sum::<i64>() == w.waiting),
         );
     }
-    if let Some(p) = r.broker_publish {
+    if !r.broker_publish.is_empty() {
         t.row(
             "6 ceiling: broker publish-confirm, persistent, quorum (1000 in flight)",
-            fmt_rate(p),
+            fmt_trials(&r.broker_publish),
             dash(),
             "-",
             "-",
         );
     }
-    if let Some(c) = r.broker_consume {
+    if !r.broker_consume.is_empty() {
         t.row(
             "6 ceiling: broker consume-ack, quorum (prefetch 512, one ack each)",
-            fmt_rate(c),
+            fmt_trials(&r.broker_consume),
             dash(),
             "-",
             "-",
         );
     }
-    if let Some(c) = r.receiver_rate {
+    if !r.receiver_rate.is_empty() {
         t.row(
             "6 ceiling: receiver (64 keep-alive connections, same process)",
-            fmt_rate(c),
+            fmt_trials(&r.receiver_rate),
             dash(),
             "-",
             "-",
         );
     }
-    if let Some(c) = r.postgres_commits {
+    if !r.postgres_commits.is_empty() {
         t.row(
             "6 ceiling: Postgres commits (16 connections, 1-row INSERT each, synchronous_commit on)",
-            fmt_rate(c),
+            fmt_trials(&r.postgres_commits),
             dash(),
             "-",
             "-",
@@ -1322,9 +1371,11 @@ fn print_table(r: &Results, scale: f64) {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "webhook-worker benchmark, {} UTC, {cores} cores ({cpu}), BENCH_SCALE={scale}, \
+         BENCH_TRIALS={} (scenarios 1, 2, 4 and 6: the median of the trials, each listed), \
          defaults (quorum queues, synchronous_commit on, MAX_IN_FLIGHT 256, \
          MAX_IN_FLIGHT_PER_WEBHOOK 16)\n",
-        Utc::now().format("%Y-%m-%d %H:%M")
+        Utc::now().format("%Y-%m-%d %H:%M"),
+        r.trials
     );
     println!("| figure | measured | ceiling ratio | target | met? |");
     println!("|---|---|---|---|---|");
@@ -1373,49 +1424,60 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let on = |s: &str| wanted.is_empty() || wanted.iter().any(|w| w == s);
+    let trials: usize = match std::env::var("BENCH_TRIALS") {
+        Ok(n) => n.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            anyhow::anyhow!("BENCH_TRIALS={n:?}: expected a whole number of at least 1")
+        })?,
+        Err(_) => 3,
+    };
     let rec = Arc::new(Recorder::default());
     let rx = start_receiver(rec.clone()).await?;
     let bench = Bench { scale, rec, rx };
-    let mut r = Results::default();
+    let mut r = Results {
+        trials,
+        ..Results::default()
+    };
     let mut problems = Vec::new();
 
-    if on("ceilings") {
-        eprintln!("== 6 ceilings: broker");
-        let (p, c) = bench.broker_ceiling().await?;
-        r.broker_publish = Some(p);
-        r.broker_consume = Some(c);
-        eprintln!("== 6 ceilings: receiver");
-        r.receiver_rate = Some(bench.receiver_ceiling().await?);
-        eprintln!("== 6 ceilings: Postgres commits");
-        r.postgres_commits = Some(bench.postgres_ceiling().await?);
-    }
-    if on("drain") {
-        eprintln!("== 1 drain");
-        quiesce().await?;
-        r.drain = Some(
-            bench
-                .throughput("drain", bench.n(20_000), 1, &mut problems)
-                .await?,
-        );
-    }
-    if on("fanout") {
-        eprintln!("== 2 fan-out");
-        quiesce().await?;
-        r.fanout = Some(
-            bench
-                .throughput("fanout", bench.n(1_000), 20, &mut problems)
-                .await?,
-        );
+    for trial in 1..=trials {
+        let of = format!("(trial {trial} of {trials})");
+        if on("ceilings") {
+            eprintln!("== 6 ceilings: broker {of}");
+            let (p, c) = bench.broker_ceiling().await?;
+            r.broker_publish.push(p);
+            r.broker_consume.push(c);
+            eprintln!("== 6 ceilings: receiver {of}");
+            r.receiver_rate.push(bench.receiver_ceiling().await?);
+            eprintln!("== 6 ceilings: Postgres commits {of}");
+            r.postgres_commits.push(bench.postgres_ceiling().await?);
+        }
+        if on("drain") {
+            eprintln!("== 1 drain {of}");
+            quiesce().await?;
+            let events = bench.n(20_000);
+            r.drain
+                .push(bench.throughput("drain", events, 1, &mut problems).await?);
+        }
+        if on("fanout") {
+            eprintln!("== 2 fan-out {of}");
+            quiesce().await?;
+            let events = bench.n(1_000);
+            r.fanout.push(
+                bench
+                    .throughput("fanout", events, 20, &mut problems)
+                    .await?,
+            );
+        }
+        if on("hung") {
+            eprintln!("== 4 hung receiver {of}");
+            quiesce().await?;
+            r.hung.push(bench.hung(&mut problems).await?);
+        }
     }
     if on("latency") {
         eprintln!("== 3 latency");
         quiesce().await?;
         r.latency = Some(bench.latency(&mut problems).await?);
-    }
-    if on("hung") {
-        eprintln!("== 4 hung receiver");
-        quiesce().await?;
-        r.hung = Some(bench.hung(&mut problems).await?);
     }
     if on("retries") {
         eprintln!("== 5 waiting retries");
