@@ -24,6 +24,11 @@ impl Entry {
         self.last_release.lock().expect("never poisoned").elapsed() >= patience
     }
 
+    /// When it counts as stalled unless it gives a place back before.
+    fn stalled_at(&self, patience: Duration) -> Instant {
+        *self.last_release.lock().expect("never poisoned") + patience
+    }
+
     /// Every place taken, and none given back for `patience`.
     fn full_and_stalled_for(&self, patience: Duration) -> bool {
         self.places.available_permits() == 0 && self.stalled_for(patience)
@@ -55,8 +60,9 @@ impl PerWebhook {
 
     /// A place for an attempt to `webhook_id`. Waits as long as the webhook makes progress
     /// (a place was given back within `patience`): a fast webhook's burst just queues.
-    /// `None` when it gave back no place for `patience` while this waited: it is slow or
-    /// hung, and the delivery should wait elsewhere.
+    /// `None` once it has given back no place for `patience` (counted from its last one,
+    /// not from when this began to wait): it is slow or hung, and the delivery should wait
+    /// elsewhere. Every waiter of a webhook that stalls leaves at the same moment.
     pub async fn acquire(&self, webhook_id: Uuid, patience: Duration) -> Option<WebhookPermit> {
         let entry = {
             let mut slots = self.slots.lock().expect("never poisoned");
@@ -97,7 +103,7 @@ impl PerWebhook {
                     permit.permit = Some(acquired.expect("the semaphore is never closed"));
                     return Some(permit);
                 }
-                _ = tokio::time::sleep(patience) => {
+                _ = tokio::time::sleep_until(permit.entry.stalled_at(patience).into()) => {
                     if permit.entry.stalled_for(patience) {
                         return None; // dropping `permit` tidies the map
                     }
@@ -171,16 +177,24 @@ mod tests {
 
     #[tokio::test]
     async fn once_a_full_webhook_gave_nothing_back_for_its_patience_newcomers_park_at_once() {
-        let limit = PerWebhook::new(1);
+        let limit = Arc::new(PerWebhook::new(1));
         let id = Uuid::new_v4();
-        let patience = Duration::from_millis(300);
+        let patience = Duration::from_millis(600);
+        let busy_since = Instant::now();
         let held = limit.acquire(id, patience).await.unwrap();
-        let waited = Instant::now();
+        let first = {
+            let limit = limit.clone();
+            tokio::spawn(async move { limit.acquire(id, patience).await.is_none() })
+        };
+        tokio::time::sleep(patience / 2).await;
         assert!(limit.acquire(id, patience).await.is_none());
+        let left = busy_since.elapsed();
+        assert!(left >= patience, "the waiters give it time");
         assert!(
-            waited.elapsed() >= patience,
-            "the first waiter gives it time"
+            left < patience + patience / 3,
+            "a later waiter leaves when it is stalled, not a patience after it came: {left:?}"
         );
+        assert!(first.await.unwrap());
         let at_once = Instant::now();
         assert!(limit.acquire(id, patience).await.is_none());
         assert!(
