@@ -30,8 +30,8 @@ use crate::metrics::Metrics;
 use crate::notify;
 use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
 use crate::store::{
-    DeliveryStatus, DisablePolicy, FannedOut, Job, NoClaim, Recorded, ScheduledRetry, Store,
-    Success,
+    DeliveryStatus, DisablePolicy, FannedOut, Job, NoClaim, Parked, Recorded, ScheduledRetry,
+    Store, Success,
 };
 use crate::telemetry;
 use crate::topology::{self, header_str};
@@ -248,11 +248,10 @@ impl Pipeline {
                     if in_progress > 0 {
                         self.takeover_grace(session).await?;
                     }
-                    let resumed = self
+                    let (jobs, retries) = self
                         .db("resuming the event", || self.store.resume_event(event.id))
                         .await?;
                     self.renotify_event(event.id, session).await?;
-                    let (jobs, retries) = resumed;
                     let parked = Vec::new();
                     (FannedOut { jobs, parked }, retries)
                 }
@@ -270,11 +269,7 @@ impl Pipeline {
             }
             // Both run to their end, so no attempt is dropped half-way for a failed park.
             let (parking, attempts) = tokio::join!(
-                try_join_all(
-                    parked
-                        .iter()
-                        .map(|p| { self.park_again(p.delivery_id, 1, 0, p.webhook_id, session) })
-                ),
+                self.park_unclaimed(&parked, session),
                 self.attempt_all(jobs, session)
             );
             parking?;
@@ -558,6 +553,15 @@ impl Pipeline {
             .await?;
         }
         Ok(())
+    }
+
+    /// Publishes the parked messages of a new event's deliveries stored unclaimed, as
+    /// their webhook was stalled.
+    async fn park_unclaimed(&self, parked: &[Parked], session: &Session) -> Result<(), Failure> {
+        let parking = parked
+            .iter()
+            .map(|p| self.park_again(p.delivery_id, 1, 0, p.webhook_id, session));
+        try_join_all(parking).await.map(|_| ())
     }
 
     /// Publishes the parked message of an attempt not claimed (or given back), into the
