@@ -82,14 +82,14 @@ pub struct Job {
 
 /// A new event's deliveries: the claimed ones, to attempt now, and those to a stalled
 /// webhook, stored unclaimed, to park.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FannedOut {
     pub jobs: Vec<Job>,
     pub parked: Vec<Parked>,
 }
 
 /// A delivery stored `pending` (its first attempt unclaimed) because its webhook is stalled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Parked {
     pub delivery_id: Uuid,
     pub webhook_id: Uuid,
