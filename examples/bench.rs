@@ -479,13 +479,14 @@ impl Worker {
     }
 
     /// A counter or gauge from the worker's `/metrics`, summed over its labels.
-    async fn metric(&self, name: &str) -> Option<f64> {
+    /// The sum of a metric's series whose labels contain `labels` ("" for all).
+    async fn metric(&self, name: &str, labels: &str) -> Option<f64> {
         let url = format!("http://127.0.0.1:{}/metrics", self.port);
         let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
         let values = text.lines().filter_map(|line| {
             let (key, value) = line.rsplit_once(' ')?;
             let family = key.split('{').next()?;
-            (family == name)
+            (family == name && key.contains(labels))
                 .then(|| value.parse::<f64>().ok())
                 .flatten()
         });
@@ -752,6 +753,8 @@ struct Hung {
     healthy: u64,
     /// Deliveries parked (the hung webhook's, and their parked messages parked again).
     parked: u64,
+    /// Parked groups that came back from the delay queues within the window.
+    parked_messages: u64,
     rate: f64,
     window: f64,
 }
@@ -953,7 +956,11 @@ impl Bench {
             "   {done} healthy deliveries in {elapsed:.1} s; stopping the worker (hung attempts end at DELIVERY_TIMEOUT)"
         );
         let parked = worker
-            .metric("webhook_worker_deliveries_parked_total")
+            .metric("webhook_worker_deliveries_parked_total", "")
+            .await
+            .unwrap_or(0.0) as u64;
+        let parked_messages = worker
+            .metric("webhook_worker_messages_consumed_total", "kind=\"parked\"")
             .await
             .unwrap_or(0.0) as u64;
         let timeline = tokio::time::timeout(Duration::from_millis(500), timeline).await;
@@ -971,6 +978,7 @@ impl Bench {
         Ok(Hung {
             healthy: done,
             parked,
+            parked_messages,
             rate: done as f64 / elapsed,
             window: elapsed,
         })
@@ -1285,8 +1293,8 @@ fn print_table(r: &Results, scale: f64) {
         let ratio = fanout.as_ref().map(|f| rate / f.rate);
         t.row(
             &format!(
-                "4 hung receiver: deliveries/s to the 9 healthy webhooks (trial nearest the median: {} in {:.1} s; {} parkings)",
-                h.healthy, h.window, h.parked
+                "4 hung receiver: deliveries/s to the 9 healthy webhooks (trial nearest the median: {} in {:.1} s; {} parkings, {} parked messages back)",
+                h.healthy, h.window, h.parked, h.parked_messages
             ),
             fmt_trials(&hung_rates),
             ratio.map_or(dash(), |x| format!("{x:.3} of fan-out rate")),
