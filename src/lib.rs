@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod notify;
 pub mod ops;
 pub mod outcome;
+pub mod park;
 pub mod pipeline;
 pub mod publish;
 pub mod shutdown;

@@ -1,5 +1,6 @@
-//! The worker's own queue message: "make attempt N of delivery D". Small and versioned;
-//! everything else is read from Postgres when it arrives (CONTRACT §3).
+//! The worker's own queue messages: "make attempt N of delivery D" (a retry), and "these
+//! deliveries of webhook W wait until it answers again" (a parked group). Small and
+//! versioned; everything else is read from Postgres when they arrive (CONTRACT §3).
 
 use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
@@ -11,17 +12,24 @@ use crate::event::TraceContext;
 /// The AMQP `type` property that tells a retry message from a producer's event.
 pub const RETRY_KIND: &str = "webhook-worker.retry.v1";
 
+/// The AMQP `type` property of a parked group.
+pub const PARKED_KIND: &str = "webhook-worker.parked.v1";
+
+/// The most deliveries one parked group names.
+pub const MAX_PARKED_GROUP: usize = 256;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryTask {
     pub v: u8,
     pub delivery_id: Uuid,
     pub attempt: u32,
     /// How many times this attempt was parked because its webhook was busy
-    /// (`MAX_IN_FLIGHT_PER_WEBHOOK`); absent when never.
+    /// (`MAX_IN_FLIGHT_PER_WEBHOOK`); absent when never. Parked deliveries now travel in
+    /// a [`ParkedGroup`]; this and `webhook_id` are read from messages parked one by one
+    /// by earlier versions.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub parked: u32,
-    /// The delivery's webhook, on a parked message: while that webhook is still stalled,
-    /// the message is parked again without touching Postgres.
+    /// The delivery's webhook, on a message parked by an earlier version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_id: Option<Uuid>,
 }
@@ -38,15 +46,6 @@ impl RetryTask {
             attempt,
             parked: 0,
             webhook_id: None,
-        }
-    }
-
-    /// The same attempt again later: its webhook was busy.
-    pub fn parked(delivery_id: Uuid, attempt: u32, times: u32, webhook_id: Uuid) -> Self {
-        RetryTask {
-            parked: times,
-            webhook_id: Some(webhook_id),
-            ..RetryTask::new(delivery_id, attempt)
         }
     }
 
@@ -77,6 +76,85 @@ impl RetryTask {
     }
 }
 
+/// Deliveries of one stalled webhook waiting together in a delay queue: one broker message
+/// for as many deliveries as parked while the previous group was being published. Each
+/// names its delivery and attempt, like a retry message, and the trace it continues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedGroup {
+    pub v: u8,
+    pub webhook_id: Uuid,
+    /// How many times these deliveries were parked, this time included.
+    pub parked: u32,
+    pub deliveries: Vec<ParkedDelivery>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedDelivery {
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+impl ParkedDelivery {
+    pub fn new(delivery_id: Uuid, attempt: u32, trace: TraceContext) -> Self {
+        ParkedDelivery {
+            delivery_id,
+            attempt,
+            traceparent: trace.traceparent,
+            tracestate: trace.tracestate,
+        }
+    }
+
+    /// The trace it continues: the span that parked it.
+    pub fn trace(&self) -> TraceContext {
+        TraceContext::new(self.traceparent.as_deref(), self.tracestate.as_deref())
+    }
+
+    /// Its turn as a retry message would name it.
+    pub fn task(&self, group: &ParkedGroup) -> RetryTask {
+        RetryTask {
+            parked: group.parked,
+            webhook_id: Some(group.webhook_id),
+            ..RetryTask::new(self.delivery_id, self.attempt)
+        }
+    }
+}
+
+impl ParkedGroup {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a parked group serializes")
+    }
+
+    pub fn parse(body: &[u8]) -> Result<ParkedGroup, String> {
+        let group: ParkedGroup = serde_json::from_slice(body)
+            .map_err(|e| format!("parked message is not valid: {e}"))?;
+        if group.v != 1 {
+            return Err(format!(
+                "parked message has version {}; expected version 1",
+                group.v
+            ));
+        }
+        if let Some(d) = group.deliveries.iter().find(|d| d.attempt < 1) {
+            return Err(format!(
+                "parked message names attempt {} of delivery {}; expected attempt >= 1",
+                d.attempt, d.delivery_id
+            ));
+        }
+        Ok(group)
+    }
+
+    /// Properties of the message: its kind. It carries no trace of its own, as its
+    /// deliveries belong to different events' traces.
+    pub fn properties() -> BasicProperties {
+        BasicProperties::default()
+            .with_type(PARKED_KIND.into())
+            .with_content_type("application/json".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,7 +170,38 @@ mod tests {
             .is_err()
         );
         assert!(RetryTask::parse(b"junk").is_err());
-        let parked = RetryTask::parked(Uuid::new_v4(), 2, 1, Uuid::new_v4());
-        assert_eq!(RetryTask::parse(&parked.to_bytes()).unwrap(), parked);
+    }
+
+    #[test]
+    fn reads_a_delivery_parked_alone_by_an_earlier_version() {
+        let body = br#"{"v":1,"delivery_id":"0b9c6a3e-4a8f-4a36-9d7e-6c5d3b2a1f00","attempt":2,"parked":1,"webhook_id":"1b9c6a3e-4a8f-4a36-9d7e-6c5d3b2a1f00"}"#;
+        let task = RetryTask::parse(body).unwrap();
+        assert_eq!((task.attempt, task.parked), (2, 1));
+        assert!(task.webhook_id.is_some());
+    }
+
+    #[test]
+    fn a_parked_group_round_trips_with_each_delivery_s_trace() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let group = ParkedGroup {
+            v: 1,
+            webhook_id: Uuid::new_v4(),
+            parked: 2,
+            deliveries: vec![
+                ParkedDelivery::new(Uuid::new_v4(), 1, TraceContext::new(Some(tp), None)),
+                ParkedDelivery::new(Uuid::new_v4(), 3, TraceContext::default()),
+            ],
+        };
+        let parsed = ParkedGroup::parse(&group.to_bytes()).unwrap();
+        assert_eq!(parsed, group);
+        assert_eq!(
+            parsed.deliveries[0].trace().traceparent.as_deref(),
+            Some(tp)
+        );
+        let task = parsed.deliveries[1].task(&parsed);
+        assert_eq!((task.attempt, task.parked), (3, 2));
+        let zero = br#"{"v":1,"webhook_id":"0b9c6a3e-4a8f-4a36-9d7e-6c5d3b2a1f00","parked":1,"deliveries":[{"delivery_id":"0b9c6a3e-4a8f-4a36-9d7e-6c5d3b2a1f00","attempt":0}]}"#;
+        assert!(ParkedGroup::parse(zero).is_err());
+        assert!(ParkedGroup::parse(b"{}").is_err());
     }
 }

@@ -200,8 +200,8 @@ impl Metrics {
         self.retries.get_or_create(&DelayLabel { delay }).inc();
     }
 
-    pub fn parked(&self) {
-        self.parked.inc();
+    pub fn parked(&self, deliveries: usize) {
+        self.parked.inc_by(deliveries as u64);
     }
 
     pub fn webhook_disabled(&self, gone: bool) {

@@ -1,8 +1,9 @@
 //! What one queue message leads to. An event is stored and fanned out to its webhooks; a
-//! retry message claims its attempt; each attempt is sent, decided, recorded, and its next
-//! attempt scheduled in a delay queue. The answer is a [`Disposition`] for the message:
+//! retry message claims its attempt, and a parked group each of its deliveries'; each
+//! attempt is sent, decided, recorded, and its next attempt scheduled in a delay queue. The answer is a [`Disposition`] for the message:
 //! it is acknowledged only once everything it caused is committed or confirmed.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, try_join_all};
-use futures_util::stream::FuturesUnordered;
+use futures_util::stream::{self, FuturesUnordered};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tokio::sync::Semaphore;
@@ -25,10 +26,11 @@ use crate::config::Config;
 use crate::destination;
 use crate::event::{Event, TraceContext};
 use crate::http;
-use crate::message::{RETRY_KIND, RetryTask};
+use crate::message::{PARKED_KIND, ParkedDelivery, ParkedGroup, RETRY_KIND, RetryTask};
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
+use crate::park::{Parker, Publish};
 use crate::store::{
     DeliveryStatus, DisablePolicy, FannedOut, Job, NoClaim, Parked, Recorded, ScheduledRetry,
     Store, Success,
@@ -87,13 +89,69 @@ impl From<Failure> for Disposition {
     }
 }
 
-/// What the handlers of one RabbitMQ session share: its confirmed publisher, and a token
+/// What the handlers of one RabbitMQ session share: its confirmed publisher, a token
 /// cancelled when the session ends (lost, or stopping on SIGTERM), so that no new request
-/// starts for a message the broker will hand to another process.
+/// starts for a message the broker will hand to another process, and the parker that
+/// publishes parked deliveries in groups on that publisher.
 #[derive(Clone)]
 pub struct Session {
     pub publisher: Publisher,
     pub closing: CancellationToken,
+    parker: Parker,
+}
+
+impl Session {
+    /// Starts a session's parker on the current runtime.
+    pub fn new(publisher: Publisher) -> Session {
+        let closing = CancellationToken::new();
+        let (on, until) = (publisher.clone(), closing.clone());
+        let publish: Publish = Arc::new(move |group: ParkedGroup| {
+            let (publisher, closing) = (on.clone(), until.clone());
+            Box::pin(async move {
+                let queue = topology::park_queue(group.parked - 1);
+                let body = group.to_bytes();
+                let properties = ParkedGroup::properties();
+                let published = publish(&publisher, &closing, "", &queue, &body, properties).await;
+                published.map_err(|f| match f {
+                    Failure::Unavailable(reason) | Failure::Refused(reason) => reason,
+                })
+            })
+        });
+        Session {
+            publisher,
+            closing,
+            parker: Parker::spawn(publish),
+        }
+    }
+}
+
+/// What a message of the work queue is, by its AMQP `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// A producer's event (any other `type`).
+    Event,
+    /// The worker's retry of one delivery.
+    Retry,
+    /// The worker's group of parked deliveries.
+    Parked,
+}
+
+impl MessageKind {
+    pub fn of(delivery: &Delivery) -> MessageKind {
+        match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
+            Some(RETRY_KIND) => MessageKind::Retry,
+            Some(PARKED_KIND) => MessageKind::Parked,
+            _ => MessageKind::Event,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Event => "event",
+            MessageKind::Retry => "retry",
+            MessageKind::Parked => "parked",
+        }
+    }
 }
 
 /// What every message handler shares within one process.
@@ -198,14 +256,19 @@ impl Pipeline {
     /// Handles one message from the work queue: a retry message or a producer's event,
     /// in a span that continues the trace named in its headers.
     pub async fn handle(&self, delivery: &Delivery, session: &Session) -> Disposition {
+        let kind = MessageKind::of(delivery);
+        if kind == MessageKind::Parked {
+            // Its deliveries each continue their own trace.
+            let handled = self.handle_parked(delivery, session).await;
+            return handled.unwrap_or_else(Disposition::from);
+        }
         let trace = trace_of(delivery);
         let inbound = telemetry::parent(&trace);
         let span = consume_span(delivery, &inbound);
         let handling = async {
-            if is_retry(delivery) {
-                self.handle_retry(delivery, session).await
-            } else {
-                self.handle_event(delivery, trace, session).await
+            match kind {
+                MessageKind::Retry => self.handle_retry(delivery, session).await,
+                _ => self.handle_event(delivery, trace, session).await,
             }
         };
         let result = telemetry::within(&inbound, handling.instrument(span)).await;
@@ -289,6 +352,59 @@ impl Pipeline {
             Ok(task) => task,
             Err(reason) => return Ok(Disposition::DeadLetter(reason)),
         };
+        self.take_turn(task, delivery.redelivered, session).await?;
+        Ok(Disposition::Ack)
+    }
+
+    /// A parked group: while its webhook is still stalled, it is parked again whole, at no
+    /// cost to Postgres. Otherwise each delivery takes its turn as its own retry message
+    /// would, in its own trace, a few at a time; the group is acknowledged once every one
+    /// is attempted, or parked or scheduled again.
+    async fn handle_parked(
+        &self,
+        delivery: &Delivery,
+        session: &Session,
+    ) -> Result<Disposition, Failure> {
+        let group = match ParkedGroup::parse(&delivery.data) {
+            Ok(group) => group,
+            Err(reason) => return Ok(Disposition::DeadLetter(reason)),
+        };
+        if self.per_webhook.stalled(group.webhook_id, PARK_AFTER) {
+            let (webhook_id, times) = (group.webhook_id, group.parked);
+            self.park_deliveries(session, webhook_id, times, group.deliveries)
+                .await?;
+            return Ok(Disposition::Ack);
+        }
+        let turns: Vec<_> = group
+            .deliveries
+            .iter()
+            .map(|parked| (parked.task(&group), telemetry::parent(&parked.trace())))
+            .map(|(task, inbound)| async move {
+                let span = consume_span(delivery, &inbound);
+                let turn = self.take_turn(task, delivery.redelivered, session);
+                telemetry::within(&inbound, turn.instrument(span)).await
+            })
+            .collect();
+        let at_once = self.config.max_in_flight_per_webhook.max(1) as usize;
+        let mut turns = stream::iter(turns).buffer_unordered(at_once);
+        let mut failure = None;
+        while let Some(turn) = turns.next().await {
+            if let Err(e) = turn {
+                failure.get_or_insert(e);
+            }
+        }
+        failure.map_or(Ok(Disposition::Ack), Err)
+    }
+
+    /// The turn of attempt `task.attempt` of a delivery, named by a retry message or a
+    /// parked group: claimed and attempted, or parked again while its webhook is stalled,
+    /// or dropped when the attempt is recorded or the delivery moved on.
+    async fn take_turn(
+        &self,
+        task: RetryTask,
+        redelivered: bool,
+        session: &Session,
+    ) -> Result<(), Failure> {
         let span = Span::current();
         span.record("delivery_id", tracing::field::display(task.delivery_id));
         span.record("attempt", task.attempt);
@@ -298,10 +414,11 @@ impl Pipeline {
             && self.per_webhook.stalled(webhook_id, PARK_AFTER)
         {
             span.set_attribute("parked", true);
-            let (id, attempt) = (task.delivery_id, task.attempt);
-            self.park_again(id, attempt, task.parked, webhook_id, session)
-                .await?;
-            return Ok(Disposition::Ack);
+            let trace = telemetry::propagate(&span);
+            let parked = ParkedDelivery::new(task.delivery_id, task.attempt, trace);
+            return self
+                .park_deliveries(session, webhook_id, task.parked, vec![parked])
+                .await;
         }
         let claim_it = |take_over| {
             self.db_retried("claiming a retry", move || {
@@ -314,7 +431,7 @@ impl Pipeline {
             attempts,
             ..
         }) = claim
-            && (delivery.redelivered || retried)
+            && (redelivered || retried)
             && attempts + 1 == task.attempt
         {
             self.takeover_grace(session).await?;
@@ -333,19 +450,19 @@ impl Pipeline {
                 // again): the retry it scheduled may not exist, so schedule it again. A
                 // duplicate of it is harmless, the claim lets one of them through. The same
                 // goes for the operational events of an attempt that ended the delivery.
-                if delivery.redelivered && state.ended_by(task.attempt) {
+                if redelivered && state.ended_by(task.attempt) {
                     self.notify_operators(task.delivery_id, task.attempt, session)
                         .await?;
                 }
                 let lost = state.pending_retry(task.delivery_id, task.attempt);
-                match lost.filter(|_| delivery.redelivered) {
+                match lost.filter(|_| redelivered) {
                     Some(retry) => self.reschedule(&retry, session).await?,
                     None => debug!(delivery_id = %task.delivery_id, attempt = task.attempt,
                         ?state, "retry message dropped: its attempt is recorded or the delivery moved on"),
                 }
             }
         }
-        Ok(Disposition::Ack)
+        Ok(())
     }
 
     /// The first attempts of an event's deliveries, each admitted when the process holds
@@ -543,42 +660,45 @@ impl Pipeline {
             .db("parking the delivery", || self.unclaims.run(claim))
             .await?;
         if released {
-            self.park_again(
-                job.delivery_id,
-                job.attempt,
-                job.parked,
-                job.webhook.id,
-                session,
-            )
-            .await?;
+            let trace = telemetry::propagate(&Span::current());
+            let parked = ParkedDelivery::new(job.delivery_id, job.attempt, trace);
+            self.park_deliveries(session, job.webhook.id, job.parked, vec![parked])
+                .await?;
         }
         Ok(())
     }
 
-    /// Publishes the parked messages of a new event's deliveries stored unclaimed, as
-    /// their webhook was stalled.
+    /// Parks a new event's deliveries stored unclaimed, as their webhook was stalled.
     async fn park_unclaimed(&self, parked: &[Parked], session: &Session) -> Result<(), Failure> {
-        let parking = parked
-            .iter()
-            .map(|p| self.park_again(p.delivery_id, 1, 0, p.webhook_id, session));
+        let trace = telemetry::propagate(&Span::current());
+        let mut by_webhook: HashMap<Uuid, Vec<ParkedDelivery>> = HashMap::new();
+        for p in parked {
+            let delivery = ParkedDelivery::new(p.delivery_id, 1, trace.clone());
+            by_webhook.entry(p.webhook_id).or_default().push(delivery);
+        }
+        let parking = by_webhook.into_iter().map(|(webhook_id, deliveries)| {
+            self.park_deliveries(session, webhook_id, 0, deliveries)
+        });
         try_join_all(parking).await.map(|_| ())
     }
 
-    /// Publishes the parked message of an attempt not claimed (or given back), into the
-    /// delay queue for the `parked`-th time.
-    async fn park_again(
+    /// Parks deliveries not claimed (or given back) of a webhook, parked `times` times
+    /// before, in a group of the session's parker; returns once the group is confirmed.
+    async fn park_deliveries(
         &self,
-        delivery_id: Uuid,
-        attempt: u32,
-        parked: u32,
-        webhook_id: Uuid,
         session: &Session,
+        webhook_id: Uuid,
+        times: u32,
+        deliveries: Vec<ParkedDelivery>,
     ) -> Result<(), Failure> {
-        let task = RetryTask::parked(delivery_id, attempt, parked + 1, webhook_id);
-        let queue = topology::park_queue(parked);
-        self.publish_task(session, &queue, task).await?;
-        self.metrics.parked();
-        debug!(queue, "webhook busy: delivery parked");
+        let count = deliveries.len();
+        session
+            .parker
+            .park(webhook_id, times, deliveries)
+            .await
+            .map_err(|e| Failure::Unavailable(format!("parking deliveries: {e}")))?;
+        self.metrics.parked(count);
+        debug!(%webhook_id, deliveries = count, "webhook busy: deliveries parked");
         Ok(())
     }
 
@@ -621,14 +741,9 @@ impl Pipeline {
         let trace = telemetry::propagate(&Span::current());
         for notice in facts.iter().flat_map(|f| notify::notices(f, project)) {
             let (body, properties) = (notice.body(project), notice.properties(&trace));
-            self.publish(
-                session,
-                topology::EXCHANGE,
-                notice.event_type,
-                &body,
-                properties,
-            )
-            .await?;
+            session
+                .publish(topology::EXCHANGE, notice.event_type, &body, properties)
+                .await?;
             self.metrics.operational_event(notice.event_type);
             info!(event_type = notice.event_type, id = %notice.id, "operational event published");
         }
@@ -682,52 +797,9 @@ impl Pipeline {
         task: RetryTask,
     ) -> Result<(), Failure> {
         let properties = task.properties(&telemetry::propagate(&Span::current()));
-        self.publish(session, "", queue, &task.to_bytes(), properties)
+        session
+            .publish("", queue, &task.to_bytes(), properties)
             .await
-    }
-
-    /// Publishes a message with a broker confirm. A refusal on a live channel (a quorum
-    /// queue electing a leader, say) is tried again a few times before the message that
-    /// caused it goes back to the queue.
-    async fn publish(
-        &self,
-        session: &Session,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<(), Failure> {
-        let mut pause = Duration::from_millis(250);
-        for _ in 0..PUBLISH_TRIES - 1 {
-            match Box::pin(session.publisher.publish(
-                exchange,
-                routing_key,
-                body,
-                properties.clone(),
-            ))
-            .await
-            {
-                Ok(()) => return Ok(()),
-                Err(PublishError::Broker(e)) => return Err(PublishError::Broker(e).into()),
-                Err(e) => warn!(error = %e, exchange, routing_key,
-                    "publishing; trying again in {pause:?}"),
-            }
-            tokio::select! {
-                biased;
-                _ = session.closing.cancelled() => {
-                    return Err(Failure::Unavailable("the RabbitMQ session ended".into()));
-                }
-                _ = tokio::time::sleep(pause) => {}
-            }
-            pause *= 2;
-        }
-        Box::pin(
-            session
-                .publisher
-                .publish(exchange, routing_key, body, properties),
-        )
-        .await?;
-        Ok(())
     }
 
     /// A message the broker delivered again finds an attempt under way: its process may
@@ -865,19 +937,63 @@ fn consume_span(delivery: &Delivery, inbound: &opentelemetry::Context) -> Span {
     if let Some(id) = delivery.properties.message_id() {
         span.set_attribute("messaging.message.id", id.to_string());
     }
-    let kind = if is_retry(delivery) { "retry" } else { "event" };
+    let kind = MessageKind::of(delivery).as_str();
     span.set_attribute("webhook_worker.message", kind);
     span.set_attribute("webhook_worker.redelivered", delivery.redelivered);
     span
 }
 
-/// Whether a message is the worker's own retry message rather than a producer's event.
-pub fn is_retry(delivery: &Delivery) -> bool {
-    delivery
-        .properties
-        .kind()
-        .as_ref()
-        .is_some_and(|k| k.as_str() == RETRY_KIND)
+impl Session {
+    /// Publishes a message with a broker confirm, on this session's publisher.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), Failure> {
+        publish(
+            &self.publisher,
+            &self.closing,
+            exchange,
+            routing_key,
+            body,
+            properties,
+        )
+        .await
+    }
+}
+
+/// Publishes a message with a broker confirm. A refusal on a live channel (a quorum queue
+/// electing a leader, say) is tried again a few times, unless the session ends meanwhile,
+/// before the message that caused it goes back to the queue.
+async fn publish(
+    publisher: &Publisher,
+    closing: &CancellationToken,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), Failure> {
+    let mut pause = Duration::from_millis(250);
+    for _ in 0..PUBLISH_TRIES - 1 {
+        match Box::pin(publisher.publish(exchange, routing_key, body, properties.clone())).await {
+            Ok(()) => return Ok(()),
+            Err(PublishError::Broker(e)) => return Err(PublishError::Broker(e).into()),
+            Err(e) => warn!(error = %e, exchange, routing_key,
+                "publishing; trying again in {pause:?}"),
+        }
+        tokio::select! {
+            biased;
+            _ = closing.cancelled() => {
+                return Err(Failure::Unavailable("the RabbitMQ session ended".into()));
+            }
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause *= 2;
+    }
+    Box::pin(publisher.publish(exchange, routing_key, body, properties)).await?;
+    Ok(())
 }
 
 /// The id used in logs for a message that is not a valid event.

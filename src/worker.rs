@@ -23,7 +23,7 @@ use crate::amqp::{self, Publisher, with_header};
 use crate::config::{Config, redact_url};
 use crate::health::{self, Readiness};
 use crate::metrics::Metrics;
-use crate::pipeline::{Disposition, Pipeline, Session, is_retry, message_ref};
+use crate::pipeline::{Disposition, MessageKind, Pipeline, Session, message_ref};
 use crate::store::Store;
 use crate::{http, topology};
 
@@ -129,10 +129,7 @@ async fn session(
             true => SessionEnd::Fatal(e.into()),
             false => SessionEnd::Lost(e.to_string()),
         })?;
-    let session_state = Session {
-        publisher: Publisher::open(&conn).await?,
-        closing: CancellationToken::new(),
-    };
+    let session_state = Session::new(Publisher::open(&conn).await?);
     let channel = conn.create_channel().await?;
     // Enough unacknowledged messages to keep every HTTP slot busy while some events wait
     // on slow receivers; more would only hold work another process could do.
@@ -248,11 +245,7 @@ async fn settle(pipeline: &Pipeline, session: &Session, delivery: Delivery, acks
             Disposition::Requeue(format!("processing panicked: {what}"))
         }
     });
-    let kind = if is_retry(&delivery) {
-        "retry"
-    } else {
-        "event"
-    };
+    let kind = MessageKind::of(&delivery).as_str();
     let outcome = match &disposition {
         Disposition::Ack => "acked",
         Disposition::Duplicate => "duplicate",
