@@ -1,7 +1,8 @@
 //! What one queue message leads to. An event is stored and fanned out to its webhooks; a
 //! retry message claims its attempt, and a parked group each of its deliveries'; each
-//! attempt is sent, decided, recorded, and its next attempt scheduled in a delay queue. The answer is a [`Disposition`] for the message:
-//! it is acknowledged only once everything it caused is committed or confirmed.
+//! attempt is sent, decided, recorded, and its next attempt scheduled in a delay queue.
+//! The answer is a [`Disposition`] for the message: it is acknowledged only once
+//! everything it caused is committed or confirmed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -111,7 +112,8 @@ impl Session {
                 let queue = topology::park_queue(group.parked - 1);
                 let body = group.to_bytes();
                 let properties = ParkedGroup::properties();
-                let published = publish(&publisher, &closing, "", &queue, &body, properties).await;
+                let published =
+                    publish_confirmed(&publisher, &closing, "", &queue, &body, properties).await;
                 published.map_err(|f| match f {
                     Failure::Unavailable(reason) | Failure::Refused(reason) => reason,
                 })
@@ -122,6 +124,18 @@ impl Session {
             closing,
             parker: Parker::spawn(publish),
         }
+    }
+
+    /// Publishes a message with a broker confirm, on this session's publisher.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), Failure> {
+        let (publisher, closing) = (&self.publisher, &self.closing);
+        publish_confirmed(publisher, closing, exchange, routing_key, body, properties).await
     }
 }
 
@@ -253,8 +267,8 @@ impl Pipeline {
         }
     }
 
-    /// Handles one message from the work queue: a retry message or a producer's event,
-    /// in a span that continues the trace named in its headers.
+    /// Handles one message from the work queue: a producer's event or a retry message, in
+    /// a span that continues the trace named in its headers, or a parked group.
     pub async fn handle(&self, delivery: &Delivery, session: &Session) -> Disposition {
         let kind = MessageKind::of(delivery);
         if kind == MessageKind::Parked {
@@ -943,31 +957,10 @@ fn consume_span(delivery: &Delivery, inbound: &opentelemetry::Context) -> Span {
     span
 }
 
-impl Session {
-    /// Publishes a message with a broker confirm, on this session's publisher.
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<(), Failure> {
-        publish(
-            &self.publisher,
-            &self.closing,
-            exchange,
-            routing_key,
-            body,
-            properties,
-        )
-        .await
-    }
-}
-
 /// Publishes a message with a broker confirm. A refusal on a live channel (a quorum queue
 /// electing a leader, say) is tried again a few times, unless the session ends meanwhile,
 /// before the message that caused it goes back to the queue.
-async fn publish(
+async fn publish_confirmed(
     publisher: &Publisher,
     closing: &CancellationToken,
     exchange: &str,
