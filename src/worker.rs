@@ -166,7 +166,11 @@ async fn session(
                     acks.arrived(delivery.delivery_tag);
                     let (pipeline, session) = (pipeline.clone(), session_state.clone());
                     let acks = acks.handle();
-                    tasks.spawn(async move { settle(&pipeline, &session, delivery, acks).await });
+                    // Boxed: the handling of a message is a large future, and tokio moves a
+                    // task's future (and its output slot) by value when spawning and when
+                    // it ends; a profile of the drain showed those copies.
+                    let settled = async move { settle(&pipeline, &session, delivery, acks).await };
+                    tasks.spawn(Box::pin(settled));
                 }
                 Some(Err(e)) => break Err(SessionEnd::Lost(e.to_string())),
                 None => break Err(SessionEnd::Lost("the broker cancelled the consumer".into())),
