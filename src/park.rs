@@ -126,7 +126,7 @@ fn publish_group(
     let group = ParkedGroup {
         v: 1,
         webhook_id,
-        parked: times + 1,
+        parked: times.saturating_add(1),
         deliveries,
     };
     let published = publish(group);
@@ -218,6 +218,16 @@ mod tests {
         let mut expected = vec![(a, 1, 1), (b, 1, 1), (a, 3, 2)];
         expected.sort();
         assert_eq!(groups, expected);
+    }
+
+    #[tokio::test]
+    async fn a_park_count_at_its_limit_stays_there() {
+        let (parker, groups) = parker();
+        let parked = parker
+            .park(Uuid::new_v4(), u32::MAX, vec![delivery(1)])
+            .await;
+        assert!(parked.is_ok());
+        assert_eq!(groups.lock().unwrap()[0].parked, u32::MAX);
     }
 
     #[tokio::test]

@@ -109,7 +109,7 @@ impl Session {
         let publish: Publish = Arc::new(move |group: ParkedGroup| {
             let (publisher, closing) = (on.clone(), until.clone());
             Box::pin(async move {
-                let queue = topology::park_queue(group.parked - 1);
+                let queue = topology::park_queue(group.parked.saturating_sub(1));
                 let body = group.to_bytes();
                 let properties = ParkedGroup::properties();
                 let published =
