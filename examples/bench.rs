@@ -478,8 +478,8 @@ impl Worker {
         anyhow::bail!("the worker was not ready in 60 s")
     }
 
-    /// A counter or gauge from the worker's `/metrics`, summed over its labels.
-    /// The sum of a metric's series whose labels contain `labels` ("" for all).
+    /// A counter or gauge from the worker's `/metrics`, summed over the series whose labels
+    /// contain `labels` ("" for all).
     async fn metric(&self, name: &str, labels: &str) -> Option<f64> {
         let url = format!("http://127.0.0.1:{}/metrics", self.port);
         let text = reqwest::get(&url).await.ok()?.text().await.ok()?;

@@ -4,7 +4,6 @@
 //! The answer is a [`Disposition`] for the message: it is acknowledged only once
 //! everything it caused is committed or confirmed.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -682,16 +681,13 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Parks a new event's deliveries stored unclaimed, as their webhook was stalled.
+    /// Parks a new event's deliveries stored unclaimed, as their webhook was stalled (one
+    /// per webhook: the parker groups them with other events' deliveries).
     async fn park_unclaimed(&self, parked: &[Parked], session: &Session) -> Result<(), Failure> {
         let trace = telemetry::propagate(&Span::current());
-        let mut by_webhook: HashMap<Uuid, Vec<ParkedDelivery>> = HashMap::new();
-        for p in parked {
+        let parking = parked.iter().map(|p| {
             let delivery = ParkedDelivery::new(p.delivery_id, 1, trace.clone());
-            by_webhook.entry(p.webhook_id).or_default().push(delivery);
-        }
-        let parking = by_webhook.into_iter().map(|(webhook_id, deliveries)| {
-            self.park_deliveries(session, webhook_id, 0, deliveries)
+            self.park_deliveries(session, p.webhook_id, 0, vec![delivery])
         });
         try_join_all(parking).await.map(|_| ())
     }
