@@ -15,9 +15,6 @@ pub const RETRY_KIND: &str = "webhook-worker.retry.v1";
 /// The AMQP `type` property of a parked group.
 pub const PARKED_KIND: &str = "webhook-worker.parked.v1";
 
-/// The most deliveries one parked group names.
-pub const MAX_PARKED_GROUP: usize = 256;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryTask {
     pub v: u8,

@@ -14,7 +14,10 @@ use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::message::{MAX_PARKED_GROUP, ParkedDelivery, ParkedGroup};
+use crate::message::{ParkedDelivery, ParkedGroup};
+
+/// The most deliveries one parked group names.
+pub const MAX_PARKED_GROUP: usize = 256;
 
 /// Publishes one group with a broker confirm.
 pub type Publish = Arc<dyn Fn(ParkedGroup) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;

@@ -277,7 +277,7 @@ impl Pipeline {
         }
         let trace = trace_of(delivery);
         let inbound = telemetry::parent(&trace);
-        let span = consume_span(delivery, &inbound);
+        let span = consume_span(delivery, kind, &inbound);
         let handling = async {
             match kind {
                 MessageKind::Retry => self.handle_retry(delivery, session).await,
@@ -393,7 +393,7 @@ impl Pipeline {
             .iter()
             .map(|parked| (parked.task(&group), telemetry::parent(&parked.trace())))
             .map(|(task, inbound)| async move {
-                let span = consume_span(delivery, &inbound);
+                let span = consume_span(delivery, MessageKind::Parked, &inbound);
                 let turn = self.take_turn(task, delivery.redelivered, session);
                 telemetry::within(&inbound, turn.instrument(span)).await
             })
@@ -925,7 +925,7 @@ fn trace_of(delivery: &Delivery) -> TraceContext {
 
 /// The span of handling one message (OpenTelemetry messaging conventions), a child of the
 /// span that published it: the producer's, or the attempt that scheduled a retry.
-fn consume_span(delivery: &Delivery, inbound: &opentelemetry::Context) -> Span {
+fn consume_span(delivery: &Delivery, kind: MessageKind, inbound: &opentelemetry::Context) -> Span {
     let span = info_span!(
         "process webhook.events.work",
         otel.kind = "consumer",
@@ -947,8 +947,7 @@ fn consume_span(delivery: &Delivery, inbound: &opentelemetry::Context) -> Span {
     if let Some(id) = delivery.properties.message_id() {
         span.set_attribute("messaging.message.id", id.to_string());
     }
-    let kind = MessageKind::of(delivery).as_str();
-    span.set_attribute("webhook_worker.message", kind);
+    span.set_attribute("webhook_worker.message", kind.as_str());
     span.set_attribute("webhook_worker.redelivered", delivery.redelivered);
     span
 }

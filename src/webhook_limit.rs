@@ -21,7 +21,7 @@ struct Entry {
 impl Entry {
     /// Whether no place was given back for `patience` (or since the entry was made).
     fn stalled_for(&self, patience: Duration) -> bool {
-        self.last_release.lock().expect("never poisoned").elapsed() >= patience
+        Instant::now() >= self.stalled_at(patience)
     }
 
     /// When it counts as stalled unless it gives a place back before.
