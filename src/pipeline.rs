@@ -33,7 +33,7 @@ use crate::outcome::{AttemptResult, ErrorType, Outcome, decide};
 use crate::park::{Parker, Publish};
 use crate::store::{
     DeliveryStatus, DisablePolicy, FannedOut, Job, NoClaim, Parked, Recorded, ScheduledRetry,
-    Store, Success,
+    Store, Success, Unclaim,
 };
 use crate::telemetry;
 use crate::topology::{self, header_str};
@@ -184,7 +184,7 @@ pub struct Pipeline {
     /// Records successful attempts, many at a time.
     successes: Batcher<Success, bool>,
     /// Gives back the claims of parked deliveries, many at a time.
-    unclaims: Batcher<(Uuid, u32), bool>,
+    unclaims: Batcher<Unclaim, bool>,
     /// When an outage was last reported, so that hundreds of waiting messages make one
     /// warning every few seconds, not one each.
     outage_reported: Mutex<Option<Instant>>,
@@ -243,7 +243,12 @@ impl Pipeline {
             |s| (s.delivery_id, s.attempt),
             limits,
         );
-        let unclaims = Batcher::spawn(store.clone(), unclaim, |c| *c, limits);
+        let unclaims = Batcher::spawn(
+            store.clone(),
+            unclaim,
+            |c| (c.delivery_id, c.attempt),
+            limits,
+        );
         Pipeline {
             config,
             events,
@@ -622,10 +627,8 @@ impl Pipeline {
             }
         }
         if job.webhook.disabled {
-            self.db("stopping the delivery", || {
-                self.store.stop_disabled(job.delivery_id)
-            })
-            .await?;
+            self.db("stopping the delivery", || self.store.stop_disabled(&job))
+                .await?;
             self.metrics.finished(DeliveryStatus::Disabled, None);
             return Ok(Sent::Skipped);
         }
@@ -663,14 +666,16 @@ impl Pipeline {
     }
 
     /// Gives a claimed delivery back and has RabbitMQ bring it back later, as its webhook is
-    /// busy. Given back first (as it was before the claim) and published second, so that
-    /// the parked message can always claim it; if the publish fails, the message that
-    /// claimed it comes back and finds it claimable again.
+    /// busy. Given back first (as it was before the claim, or stored `pending` if not
+    /// written yet) and published second, so that the parked message can always claim it;
+    /// if the publish fails, the message that claimed it comes back and finds it claimable
+    /// again.
     async fn park(&self, job: &Job, session: &Session) -> Result<(), Failure> {
         Span::current().set_attribute("parked", true);
-        let claim = (job.delivery_id, job.attempt);
         let released = self
-            .db("parking the delivery", || self.unclaims.run(claim))
+            .db("parking the delivery", || {
+                self.unclaims.run(Unclaim::new(job))
+            })
             .await?;
         if released {
             let trace = telemetry::propagate(&Span::current());
@@ -1021,7 +1026,7 @@ fn record_successes<'a>(
 /// [`Store::unclaim`] as a [`batch::BatchOp`].
 fn unclaim<'a>(
     store: &'a Store,
-    claims: &'a [(Uuid, u32)],
+    claims: &'a [Unclaim],
 ) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
     Box::pin(store.unclaim(claims))
 }

@@ -59,6 +59,7 @@ impl DeliveryStatus {
 pub struct StoredEvent {
     #[sqlx(rename = "event_id")]
     pub id: Uuid,
+    pub project_id: String,
     pub event_type: String,
     pub occurred_at: DateTime<Utc>,
     /// When a worker first took the event from the queue.
@@ -71,6 +72,11 @@ pub struct StoredEvent {
 pub struct Job {
     pub delivery_id: Uuid,
     pub attempt: u32,
+    /// Whether the delivery's row exists. A new event's deliveries are written with their
+    /// first attempt's outcome (or when they park): one insert, not an insert and then an
+    /// update over the table's seven indexes. Until then the event's message, not yet
+    /// acknowledged, is what stands for them.
+    pub written: bool,
     /// Attempts the delivery had when it was last replayed (0 if never): the retry
     /// schedule counts from there.
     pub attempts_before_replay: u32,
@@ -80,8 +86,8 @@ pub struct Job {
     pub event: Arc<StoredEvent>,
 }
 
-/// A new event's deliveries: the claimed ones, to attempt now, and those to a stalled
-/// webhook, stored unclaimed, to park.
+/// A new event's deliveries: those to attempt now (not written yet, see [`Job::written`]),
+/// and those to a stalled webhook, stored unclaimed, to park.
 #[derive(Debug)]
 pub struct FannedOut {
     pub jobs: Vec<Job>,
@@ -231,7 +237,24 @@ macro_rules! webhook_columns {
 /// The columns of a [`StoredEvent`] from `control_plane.events e`.
 macro_rules! event_columns {
     () => {
-        "e.id AS event_id, e.event_type, e.occurred_at, e.received_at, e.data::text AS data"
+        "e.id AS event_id, e.project_id, e.event_type, e.occurred_at, e.received_at, \
+         e.data::text AS data"
+    };
+}
+
+/// Whether webhook `w` has no delivery of event `e` yet.
+macro_rules! unwritten {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM control_plane.webhook_deliveries d \
+           WHERE d.webhook_id = w.id AND d.event_id = e.id)"
+    };
+}
+
+/// Whether webhook `w` matches event `e` (CONTRACT §2).
+macro_rules! webhook_matches {
+    () => {
+        "w.project_id = e.project_id AND NOT w.disabled \
+         AND (w.event_type = e.event_type OR w.event_type = '*')"
     };
 }
 
@@ -281,12 +304,13 @@ impl Store {
             .map(|_| ())
     }
 
-    /// Stores new events and creates one delivery per matching webhook, in one statement
-    /// (so one round trip and one transaction for the whole batch: an event's deliveries
-    /// are inserted only if the event is). A delivery is claimed (`delivering`), except to
-    /// a webhook in `park`: that one starts `pending`, unclaimed, to be parked at once. For
-    /// each event in order: its fan-out, or `None` when its id was already stored (nothing
-    /// is written for it). The ids must be distinct ([`crate::batch`] sees to it).
+    /// Stores new events and fans each out to its matching webhooks, in one statement (so
+    /// one round trip and one transaction for the whole batch). A delivery gets its id
+    /// here and its row with its first attempt's outcome ([`Job::written`]), except to a
+    /// webhook in `park`: that one is stored `pending` now, unclaimed, to be parked at
+    /// once. For each event in order: its fan-out, or `None` when its id was already
+    /// stored (nothing is written for it). The ids must be distinct ([`crate::batch`]
+    /// sees to it).
     pub async fn store_events(
         &self,
         events: &[Arc<Event>],
@@ -312,18 +336,21 @@ impl Store {
                  AS i(id, project_id, event_type, data, occurred_at, traceparent, tracestate) \
                ON CONFLICT (id) DO NOTHING \
                RETURNING id, project_id, event_type), \
+             m AS ( \
+               SELECT gen_random_uuid() AS delivery_id, w.id AS webhook_id, e.id AS event_id, \
+                 e.project_id, e.event_type, w.id = ANY($9::uuid[]) AS parked \
+               FROM e JOIN control_plane.webhooks w ON ",
+            webhook_matches!(),
+            "), \
              ins AS ( \
                INSERT INTO control_plane.webhook_deliveries \
-                 (webhook_id, event_id, project_id, event_type, status) \
-               SELECT w.id, e.id, e.project_id, e.event_type, \
-                 CASE WHEN w.id = ANY($9::uuid[]) THEN 'pending' ELSE 'delivering' END \
-               FROM e JOIN control_plane.webhooks w ON w.project_id = e.project_id \
-                 AND NOT w.disabled AND (w.event_type = e.event_type OR w.event_type = '*') \
-               RETURNING id, webhook_id, event_id, status) \
-             SELECT e.id AS event_id, ins.id AS delivery_id, ins.status = 'pending' AS parked, ",
+                 (id, webhook_id, event_id, project_id, event_type, status, created_at) \
+               SELECT delivery_id, webhook_id, event_id, project_id, event_type, 'pending', $8 \
+               FROM m WHERE parked) \
+             SELECT e.id AS event_id, m.delivery_id, m.parked, ",
             webhook_columns!(),
-            " FROM e LEFT JOIN ins ON ins.event_id = e.id \
-             LEFT JOIN control_plane.webhooks w ON w.id = ins.webhook_id"
+            " FROM e LEFT JOIN m ON m.event_id = e.id \
+             LEFT JOIN control_plane.webhooks w ON w.id = m.webhook_id"
         ))
         .bind(&ids)
         .bind(column(|e| Some(&e.project_id)))
@@ -338,7 +365,7 @@ impl Store {
         .await?;
         let mut stored: HashMap<Uuid, (Claimed, Vec<Parked>)> = HashMap::new();
         for row in rows {
-            let (claimed, parked) = stored.entry(row.try_get("event_id")?).or_default();
+            let (to_send, parked) = stored.entry(row.try_get("event_id")?).or_default();
             let Some(delivery_id) = row.try_get::<Option<Uuid>, _>("delivery_id")? else {
                 continue;
             };
@@ -349,22 +376,23 @@ impl Store {
                     webhook_id,
                 });
             } else {
-                claimed.push((delivery_id, WebhookRow::from_row(&row)?));
+                to_send.push((delivery_id, WebhookRow::from_row(&row)?));
             }
         }
         Ok(events
             .iter()
             .map(|event| {
-                let (claimed, parked) = stored.remove(&event.id)?;
+                let (to_send, parked) = stored.remove(&event.id)?;
                 let stored = Arc::new(StoredEvent {
                     id: event.id,
+                    project_id: event.project_id.clone(),
                     event_type: event.event_type.clone(),
                     occurred_at: event.occurred_at,
                     received_at,
                     data: event.data.get().to_string(),
                 });
                 Some(FannedOut {
-                    jobs: jobs(claimed, 1, stored),
+                    jobs: jobs(to_send, false, stored),
                     parked,
                 })
             })
@@ -372,28 +400,37 @@ impl Store {
     }
 
     /// For an event message the broker delivers again (its first processing did not finish):
-    /// claims the deliveries whose first attempt was never recorded, and lists those whose
-    /// first attempt failed, so that their retry can be scheduled again.
+    /// claims the deliveries whose first attempt was never recorded, fans out again to the
+    /// matching webhooks that have no delivery yet (their first attempt's outcome was never
+    /// written), and lists the deliveries whose first attempt failed, so that their retry
+    /// can be scheduled again.
     pub async fn resume_event(
         &self,
         event_id: Uuid,
     ) -> Result<(Vec<Job>, Vec<ScheduledRetry>), sqlx::Error> {
-        let rows: Vec<(Uuid, WebhookRow)> = sqlx::query_as::<_, DeliveryWebhook>(concat!(
-            "WITH claimed AS ( \
-               UPDATE control_plane.webhook_deliveries SET status = 'delivering', updated_at = now() \
-               WHERE event_id = $1 AND attempts = 0 AND status IN ('pending', 'delivering') \
-               RETURNING id, webhook_id) \
-             SELECT claimed.id AS delivery_id, ",
-            webhook_columns!(),
-            " \
-             FROM claimed JOIN control_plane.webhooks w ON w.id = claimed.webhook_id"
-        ))
-        .bind(event_id)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(|r| (r.delivery_id, r.webhook))
-        .collect();
+        let (written, unwritten): (Vec<DeliveryWebhook>, Vec<DeliveryWebhook>) =
+            sqlx::query_as::<_, DeliveryWebhook>(concat!(
+                "WITH claimed AS ( \
+                   UPDATE control_plane.webhook_deliveries \
+                   SET status = 'delivering', updated_at = now() \
+                   WHERE event_id = $1 AND attempts = 0 AND status IN ('pending', 'delivering') \
+                   RETURNING id, webhook_id) \
+                 SELECT claimed.id AS delivery_id, true AS written, ",
+                webhook_columns!(),
+                " FROM claimed JOIN control_plane.webhooks w ON w.id = claimed.webhook_id \
+                 UNION ALL \
+                 SELECT gen_random_uuid(), false, ",
+                webhook_columns!(),
+                " FROM control_plane.events e JOIN control_plane.webhooks w ON ",
+                webhook_matches!(),
+                " WHERE e.id = $1 AND ",
+                unwritten!()
+            ))
+            .bind(event_id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .partition(|r| r.written);
         let retries = sqlx::query_as::<_, (Uuid, Option<DateTime<Utc>>)>(
             "SELECT id, next_retry_at FROM control_plane.webhook_deliveries \
              WHERE event_id = $1 AND attempts = 1 AND status = 'failed'",
@@ -408,7 +445,7 @@ impl Store {
             next_retry_at,
         })
         .collect();
-        if rows.is_empty() {
+        if written.is_empty() && unwritten.is_empty() {
             return Ok((Vec::new(), retries));
         }
         let event = sqlx::query_as::<_, StoredEvent>(concat!(
@@ -419,15 +456,30 @@ impl Store {
         .bind(event_id)
         .fetch_one(&self.pool)
         .await?;
-        Ok((jobs(rows, 1, Arc::new(event)), retries))
+        let event = Arc::new(event);
+        let pairs = |rows: Vec<DeliveryWebhook>| -> Claimed {
+            rows.into_iter()
+                .map(|r| (r.delivery_id, r.webhook))
+                .collect()
+        };
+        let mut to_send = jobs(pairs(written), true, event.clone());
+        to_send.extend(jobs(pairs(unwritten), false, event));
+        Ok((to_send, retries))
     }
 
-    /// How many deliveries of an event are `delivering` their first attempt.
+    /// How many of an event's deliveries may have their first attempt under way: those
+    /// `delivering` it, and those to a matching webhook not written yet.
     pub async fn first_attempts_in_progress(&self, event_id: Uuid) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT count(*) FROM control_plane.webhook_deliveries \
-             WHERE event_id = $1 AND attempts = 0 AND status = 'delivering'",
-        )
+        sqlx::query_scalar(concat!(
+            "SELECT (SELECT count(*) FROM control_plane.webhook_deliveries \
+               WHERE event_id = $1 AND attempts = 0 AND status = 'delivering') \
+             + (SELECT count(*) FROM control_plane.events e \
+                JOIN control_plane.webhooks w ON ",
+            webhook_matches!(),
+            " WHERE e.id = $1 AND ",
+            unwritten!(),
+            ")"
+        ))
         .bind(event_id)
         .fetch_one(&self.pool)
         .await
@@ -465,6 +517,7 @@ impl Store {
             return Ok(Ok(Job {
                 delivery_id,
                 attempt,
+                written: true,
                 attempts_before_replay: row.attempts_before_replay.max(0) as u32,
                 parked: 0,
                 webhook: row.webhook,
@@ -474,25 +527,62 @@ impl Store {
         Ok(Err(self.state(delivery_id).await?))
     }
 
-    /// Gives back claims that made no request (their webhook was busy): `pending` or
-    /// `failed` again, as before the claim, for the parked message to claim. For each
-    /// `(delivery, attempt)` in order: false when the delivery moved on meanwhile.
-    pub async fn unclaim(&self, claims: &[(Uuid, u32)]) -> Result<Vec<bool>, sqlx::Error> {
-        let released: HashSet<Uuid> = sqlx::query_scalar(
-            "UPDATE control_plane.webhook_deliveries d \
-             SET status = CASE WHEN d.attempts = 0 THEN 'pending' ELSE 'failed' END, \
+    /// Gives back claims that made no request (their webhook was busy), for the parked
+    /// message to claim: a written delivery is `pending` or `failed` again, as before the
+    /// claim; an unwritten one is stored `pending`. For each in order: false when the
+    /// delivery moved on meanwhile (or its webhook is gone).
+    pub async fn unclaim(&self, claims: &[Unclaim]) -> Result<Vec<bool>, sqlx::Error> {
+        let new = |f: fn(&StoredEvent) -> &str| -> Vec<Option<&str>> {
+            claims
+                .iter()
+                .map(|c| c.unwritten.as_deref().map(f))
+                .collect()
+        };
+        let released: Result<HashSet<Uuid>, sqlx::Error> = sqlx::query_scalar(
+            "WITH c AS ( \
+               SELECT * FROM unnest($1::uuid[], $2::int4[], $3::uuid[], $4::uuid[], \
+                 $5::text[], $6::text[], $7::timestamptz[]) \
+                 AS c(id, attempt, webhook_id, event_id, project_id, event_type, created_at)), \
+             ins AS ( \
+               INSERT INTO control_plane.webhook_deliveries \
+                 (id, webhook_id, event_id, project_id, event_type, status, created_at) \
+               SELECT id, webhook_id, event_id, project_id, event_type, 'pending', created_at \
+               FROM c WHERE event_id IS NOT NULL \
+               ON CONFLICT DO NOTHING RETURNING id), \
+             upd AS ( \
+               UPDATE control_plane.webhook_deliveries d \
+               SET status = CASE WHEN d.attempts = 0 THEN 'pending' ELSE 'failed' END, \
                  updated_at = now() \
-             FROM unnest($1::uuid[], $2::int4[]) AS c(id, attempt) \
-             WHERE d.id = c.id AND d.status = 'delivering' AND d.attempts = c.attempt - 1 \
-             RETURNING d.id",
+               FROM c WHERE c.event_id IS NULL AND d.id = c.id AND d.status = 'delivering' \
+                 AND d.attempts = c.attempt - 1 \
+               RETURNING d.id) \
+             SELECT id FROM ins UNION ALL SELECT id FROM upd",
         )
-        .bind(claims.iter().map(|c| c.0).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.1 as i32).collect::<Vec<_>>())
+        .bind(claims.iter().map(|c| c.delivery_id).collect::<Vec<_>>())
+        .bind(claims.iter().map(|c| c.attempt as i32).collect::<Vec<_>>())
+        .bind(claims.iter().map(|c| c.webhook_id).collect::<Vec<_>>())
+        .bind(
+            claims
+                .iter()
+                .map(|c| c.unwritten.as_ref().map(|e| e.id))
+                .collect::<Vec<_>>(),
+        )
+        .bind(new(|e| &e.project_id))
+        .bind(new(|e| &e.event_type))
+        .bind(
+            claims
+                .iter()
+                .map(|c| c.unwritten.as_ref().map(|e| e.received_at))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .collect();
-        Ok(claims.iter().map(|c| released.contains(&c.0)).collect())
+        .await
+        .map(|ids| ids.into_iter().collect());
+        let released = alone_gone(released, claims.len())?;
+        Ok(claims
+            .iter()
+            .map(|c| released.contains(&c.delivery_id))
+            .collect())
     }
 
     /// Where a delivery stands, for a message that could not claim it.
@@ -514,8 +604,13 @@ impl Store {
         })
     }
 
-    /// Stops a claimed delivery whose webhook turned out to be disabled, without an attempt.
-    pub async fn stop_disabled(&self, delivery_id: Uuid) -> Result<(), sqlx::Error> {
+    /// Stops a claimed delivery whose webhook turned out to be disabled, without an attempt
+    /// (an unwritten one is written stopped).
+    pub async fn stop_disabled(&self, job: &Job) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        if !job.written && !write_delivery(&mut tx, job).await? {
+            return Ok(());
+        }
         sqlx::query(
             "UPDATE control_plane.webhook_deliveries d SET status = 'disabled', \
                next_retry_at = NULL, error_type = 'WEBHOOK_DISABLED', \
@@ -524,10 +619,10 @@ impl Store {
              FROM control_plane.webhooks w \
              WHERE d.id = $1 AND w.id = d.webhook_id AND d.status = 'delivering'",
         )
-        .bind(delivery_id)
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
+        .bind(job.delivery_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
     }
 
     /// What recording attempt `attempt` of a delivery did that operators are told about
@@ -609,6 +704,9 @@ impl Store {
         }
         let duration_ms = duration_ms(result);
         let mut tx = self.pool.begin().await?;
+        if !job.written && !write_delivery(&mut tx, job).await? {
+            return Ok(Recorded::Superseded);
+        }
         let inserted = sqlx::query(
             "INSERT INTO control_plane.webhook_delivery_attempts \
                (delivery_id, webhook_id, attempt_number, started_at, duration_ms, \
@@ -684,29 +782,43 @@ impl Store {
     }
 
     /// Records successful attempts, many in one statement (one round trip and one
-    /// transaction): each attempt's row, its delivery `delivered`, and its webhook's counter
-    /// reset. The reset is skipped when there is nothing to reset but `last_delivery_at`
-    /// within the last second: otherwise every delivery to a busy webhook would queue on
-    /// its row lock. Webhooks are locked in id order and `FOR NO KEY UPDATE`, which leaves
-    /// alone the key-share locks that inserting a delivery takes on its webhook, so batches
-    /// never deadlock on them. The delivery and the webhook change only where the attempt
-    /// row is new. For each success in order: whether it was recorded here (false:
-    /// recorded before, or its delivery is gone). A success never disables anything.
+    /// transaction): each attempt's row, its delivery `delivered` (inserted so if not
+    /// written yet), and its webhook's counter reset. The reset is skipped when there is
+    /// nothing to reset but `last_delivery_at` within the last second: otherwise every
+    /// delivery to a busy webhook would queue on its row lock. Webhooks are locked in id
+    /// order and `FOR NO KEY UPDATE`, which leaves alone the key-share locks that inserting
+    /// a delivery takes on its webhook, so batches never deadlock on them. The webhook
+    /// changes only where the attempt row is new. For each success in order: whether it
+    /// was recorded here (false: recorded before, or its delivery is gone, or another
+    /// process wrote the delivery first). A success never disables anything.
     pub async fn record_successes(&self, done: &[Success]) -> Result<Vec<bool>, sqlx::Error> {
         let column =
             |f: fn(&Success) -> Option<i32>| -> Vec<Option<i32>> { done.iter().map(f).collect() };
+        let new = |f: fn(&StoredEvent) -> &str| -> Vec<Option<&str>> {
+            done.iter().map(|s| s.unwritten.as_deref().map(f)).collect()
+        };
         let recorded: Result<Vec<(Uuid, i32)>, sqlx::Error> = sqlx::query_as(
             "WITH i AS ( \
                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::timestamptz[], \
-                 $5::int4[], $6::int4[], $7::text[], $8::timestamptz[]) \
+                 $5::int4[], $6::int4[], $7::text[], $8::timestamptz[], $9::uuid[], \
+                 $10::text[], $11::text[], $12::timestamptz[]) \
                  AS i(delivery_id, webhook_id, attempt, started_at, duration_ms, status, body, \
-                   disabled_changed_at)), \
+                   disabled_changed_at, event_id, project_id, event_type, created_at)), \
+             ins AS ( \
+               INSERT INTO control_plane.webhook_deliveries \
+                 (id, webhook_id, event_id, project_id, event_type, status, attempts, \
+                  http_status_code, response_body, duration_ms, delivered_at, created_at) \
+               SELECT delivery_id, webhook_id, event_id, project_id, event_type, 'delivered', \
+                 attempt, status, body, duration_ms, now(), created_at \
+               FROM i WHERE event_id IS NOT NULL \
+               ON CONFLICT DO NOTHING RETURNING id), \
              a AS ( \
                INSERT INTO control_plane.webhook_delivery_attempts \
                  (delivery_id, webhook_id, attempt_number, started_at, duration_ms, \
                   http_status_code, response_body, succeeded) \
                SELECT delivery_id, webhook_id, attempt, started_at, duration_ms, status, body, \
                  true FROM i \
+               WHERE i.event_id IS NULL OR i.delivery_id IN (SELECT id FROM ins) \
                ON CONFLICT (delivery_id, attempt_number) DO NOTHING \
                RETURNING delivery_id, attempt_number), \
              new AS ( \
@@ -730,7 +842,7 @@ impl Store {
                  response_body = new.body, error_type = NULL, error_message = NULL, \
                  duration_ms = new.duration_ms, next_retry_at = NULL, delivered_at = now(), \
                  updated_at = now() \
-               FROM new WHERE d.id = new.delivery_id) \
+               FROM new WHERE d.id = new.delivery_id AND new.event_id IS NULL) \
              SELECT delivery_id, attempt_number FROM a",
         )
         .bind(done.iter().map(|s| s.delivery_id).collect::<Vec<_>>())
@@ -745,17 +857,22 @@ impl Store {
                 .map(|s| s.disabled_changed_at)
                 .collect::<Vec<_>>(),
         )
+        .bind(
+            done.iter()
+                .map(|s| s.unwritten.as_ref().map(|e| e.id))
+                .collect::<Vec<_>>(),
+        )
+        .bind(new(|e| &e.project_id))
+        .bind(new(|e| &e.event_type))
+        .bind(
+            done.iter()
+                .map(|s| s.unwritten.as_ref().map(|e| e.received_at))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.pool)
         .await;
-        let recorded: HashSet<(Uuid, i32)> = match recorded {
-            Ok(rows) => rows.into_iter().collect(),
-            // A delivery deleted with its webhook meanwhile: alone, it was simply not
-            // recorded; in a batch, the batch is run again one by one to find it.
-            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() && done.len() == 1 => {
-                HashSet::new()
-            }
-            Err(e) => return Err(e),
-        };
+        let recorded: HashSet<(Uuid, i32)> =
+            alone_gone(recorded, done.len())?.into_iter().collect();
         Ok(done
             .iter()
             .map(|s| recorded.contains(&(s.delivery_id, s.attempt as i32)))
@@ -763,9 +880,32 @@ impl Store {
     }
 }
 
+/// A claim given back without a request, as [`Store::unclaim`] writes it.
+#[derive(Debug, Clone)]
+pub struct Unclaim {
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+    pub webhook_id: Uuid,
+    /// The event of a delivery not written yet ([`Job::written`]), to store it from.
+    pub unwritten: Option<Arc<StoredEvent>>,
+}
+
+impl Unclaim {
+    pub fn new(job: &Job) -> Unclaim {
+        Unclaim {
+            delivery_id: job.delivery_id,
+            attempt: job.attempt,
+            webhook_id: job.webhook.id,
+            unwritten: (!job.written).then(|| job.event.clone()),
+        }
+    }
+}
+
 /// A successful attempt, as [`Store::record_successes`] writes it.
 #[derive(Debug, Clone)]
 pub struct Success {
+    /// The event of a delivery not written yet ([`Job::written`]), to store it from.
+    pub unwritten: Option<Arc<StoredEvent>>,
     pub delivery_id: Uuid,
     pub webhook_id: Uuid,
     pub attempt: u32,
@@ -780,6 +920,7 @@ pub struct Success {
 impl Success {
     pub fn new(job: &Job, started_at: DateTime<Utc>, result: &AttemptResult) -> Success {
         Success {
+            unwritten: (!job.written).then(|| job.event.clone()),
             delivery_id: job.delivery_id,
             webhook_id: job.webhook.id,
             attempt: job.attempt,
@@ -794,6 +935,46 @@ impl Success {
 
 fn duration_ms(result: &AttemptResult) -> i32 {
     i32::try_from(result.duration.as_millis()).unwrap_or(i32::MAX)
+}
+
+/// Stores the row of a delivery not written yet, `delivering` its first attempt, for what
+/// became of that attempt to update in the same transaction. False when it exists already
+/// (another process took the event over) or its webhook or event is gone.
+async fn write_delivery(
+    tx: &mut Transaction<'_, Postgres>,
+    job: &Job,
+) -> Result<bool, sqlx::Error> {
+    let event = &job.event;
+    let inserted = sqlx::query(
+        "INSERT INTO control_plane.webhook_deliveries \
+           (id, webhook_id, event_id, project_id, event_type, status, created_at) \
+         VALUES ($1, $2, $3, $4, $5, 'delivering', $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(job.delivery_id)
+    .bind(job.webhook.id)
+    .bind(event.id)
+    .bind(&event.project_id)
+    .bind(&event.event_type)
+    .bind(event.received_at)
+    .execute(&mut **tx)
+    .await
+    .map(|r| r.rows_affected() == 1);
+    alone_gone(inserted, 1)
+}
+
+/// A statement's answer where a foreign-key violation by a lone request means that its
+/// delivery, webhook or event was deleted meanwhile: nothing of it is written. In a batch
+/// the error stands, and [`crate::batch`] runs each request alone to find it.
+fn alone_gone<T: Default>(
+    result: Result<T, sqlx::Error>,
+    requests: usize,
+) -> Result<T, sqlx::Error> {
+    match result {
+        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() && requests == 1 => {
+            Ok(T::default())
+        }
+        other => other,
+    }
 }
 
 /// Counts a failed attempt on the webhook unless the webhook was disabled or re-enabled
@@ -896,14 +1077,16 @@ fn is_local(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Claimed deliveries of an event: each delivery id with its webhook.
+/// Deliveries of an event to attempt: each delivery id with its webhook.
 type Claimed = Vec<(Uuid, WebhookRow)>;
 
-fn jobs(rows: Claimed, attempt: u32, event: Arc<StoredEvent>) -> Vec<Job> {
+/// First attempts of an event's deliveries, `written` or not yet.
+fn jobs(rows: Claimed, written: bool, event: Arc<StoredEvent>) -> Vec<Job> {
     rows.into_iter()
         .map(|(delivery_id, webhook)| Job {
             delivery_id,
-            attempt,
+            attempt: 1,
+            written,
             attempts_before_replay: 0,
             parked: 0,
             webhook,
@@ -915,6 +1098,7 @@ fn jobs(rows: Claimed, attempt: u32, event: Arc<StoredEvent>) -> Vec<Job> {
 #[derive(sqlx::FromRow)]
 struct DeliveryWebhook {
     delivery_id: Uuid,
+    written: bool,
     #[sqlx(flatten)]
     webhook: WebhookRow,
 }

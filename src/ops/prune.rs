@@ -5,8 +5,10 @@
 //! What is never deleted: a delivery still `pending`, `delivering` or `failed` (a retry is
 //! scheduled), nor its event, as any retry or replay is built from it. Attempt rows go only
 //! with their delivery, so a delivery's `attempts` always equals its attempt rows
-//! (CONTRACT §2). An event id that is pruned can be delivered again if it is published
-//! again: deduplication lasts as long as the stored event (CONTRACT §1).
+//! (CONTRACT §2). Nor is an event stored less than a day ago: a new event's deliveries
+//! are written as their first attempts end, so one without any may still be under way.
+//! An event id that is pruned can be delivered again if it is published again:
+//! deduplication lasts as long as the stored event (CONTRACT §1).
 
 use std::time::Duration;
 
@@ -54,7 +56,7 @@ macro_rules! old_deliveries {
 /// deliveries, so one with any delivery left is kept).
 macro_rules! old_events {
     () => {
-        "SELECT e.id FROM control_plane.events e WHERE e.received_at < $1 \
+        "SELECT e.id FROM control_plane.events e WHERE e.received_at < least($1, now() - interval '1 day') \
            AND NOT EXISTS (SELECT 1 FROM control_plane.webhook_deliveries d \
                            WHERE d.event_id = e.id)"
     };
@@ -102,7 +104,7 @@ async fn count(pool: &PgPool, report: &mut Report) -> anyhow::Result<()> {
     .context("counting old deliveries")?;
     // Events whose deliveries are all old would be left without any: count them too.
     report.events = sqlx::query_scalar(
-        "SELECT count(*) FROM control_plane.events e WHERE e.received_at < $1 \
+        "SELECT count(*) FROM control_plane.events e WHERE e.received_at < least($1, now() - interval '1 day') \
            AND NOT EXISTS (SELECT 1 FROM control_plane.webhook_deliveries d WHERE d.event_id = e.id \
              AND NOT (d.created_at < $1 AND d.updated_at < $1 \
                       AND d.status IN ('delivered', 'permanently_failed', 'disabled')))",

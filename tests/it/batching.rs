@@ -10,7 +10,7 @@ use uuid::Uuid;
 use webhook_worker::batch::{Batcher, Limits};
 use webhook_worker::event::{Event, TraceContext};
 use webhook_worker::outcome::AttemptResult;
-use webhook_worker::store::{FannedOut, Store, Success};
+use webhook_worker::store::{FannedOut, Store, Success, Unclaim};
 
 use crate::harness::{TestEnv, WebhookSpec, event};
 
@@ -90,20 +90,22 @@ async fn one_statement_stores_many_events_and_answers_each() {
     for job in &stored[0].as_ref().unwrap().jobs {
         assert_eq!(job.event.id, two.id);
         assert_eq!(job.event.data, two.data.get());
+        assert!(!job.written, "written with its first attempt's outcome");
     }
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM control_plane.events")
         .fetch_one(&env.pool)
         .await
         .unwrap();
     assert_eq!(events, 3);
-    let deliveries: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT event_id, status FROM control_plane.webhook_deliveries ORDER BY event_id",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(deliveries.len(), 4);
-    assert!(deliveries.iter().all(|(_, s)| s == "delivering"));
+    let deliveries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM control_plane.webhook_deliveries")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        deliveries, 0,
+        "no delivery row before its first attempt ends"
+    );
 }
 
 #[tokio::test]
@@ -129,16 +131,11 @@ async fn a_delivery_to_a_stalled_webhook_is_stored_unclaimed_for_parking() {
         .fetch_all(&env.pool)
         .await
         .unwrap();
-        for (id, webhook, status, attempts) in statuses {
-            assert_eq!(attempts, 0);
-            if webhook == stalled {
-                assert_eq!(id, parked[0].delivery_id);
-                assert_eq!(status, "pending", "unclaimed: the parked message claims it");
-            } else {
-                assert_eq!(id, jobs[0].delivery_id);
-                assert_eq!(status, "delivering");
-            }
-        }
+        assert_eq!(
+            statuses,
+            vec![(parked[0].delivery_id, stalled, "pending".to_string(), 0)],
+            "stored unclaimed for the parked message to claim; the other not written yet"
+        );
     }
     // The parked message's claim takes it, like any unclaimed first attempt.
     let parked = stored[0].as_ref().unwrap().parked[0];
@@ -171,9 +168,10 @@ async fn a_batch_postgres_refuses_is_run_again_one_by_one_so_one_bad_request_fai
         .iter()
         .map(|j| Success::new(j, Utc::now(), &ok))
         .collect();
-    // A delivery that does not exist: its attempt row breaks the foreign key.
+    // A written delivery that does not exist: its attempt row breaks the foreign key.
     let mut gone = successes[0].clone();
     gone.delivery_id = Uuid::new_v4();
+    gone.unwritten = None;
     successes.push(gone.clone());
     // One statement at a time, so the forty pile up behind the first and share a batch.
     let batcher = Batcher::spawn(
@@ -248,4 +246,105 @@ async fn recording_a_success_does_not_wait_for_deliveries_being_inserted_for_its
         "the counter was reset"
     );
     inserting.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_new_events_delivery_is_written_once_by_whichever_outcome_comes_first() {
+    let (env, hook, store) = one_hook().await;
+    let stored = store.store_events(&[parsed("p", "t")], &[]).await.unwrap();
+    let job = stored[0].as_ref().unwrap().jobs[0].clone();
+    let row = || async {
+        sqlx::query_as::<_, (Uuid, String, i32)>(
+            "SELECT webhook_id, status, attempts FROM control_plane.webhook_deliveries \
+             WHERE id = $1",
+        )
+        .bind(job.delivery_id)
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(row().await, None);
+    // Its webhook was busy: stored pending for the parked message, once.
+    assert_eq!(
+        store.unclaim(&[Unclaim::new(&job)]).await.unwrap(),
+        vec![true]
+    );
+    assert_eq!(row().await, Some((hook, "pending".into(), 0)));
+    assert_eq!(
+        store.unclaim(&[Unclaim::new(&job)]).await.unwrap(),
+        vec![false]
+    );
+    // A success of the same unwritten job now finds the row there: not recorded.
+    let success = Success::new(&job, Utc::now(), &answered(204));
+    assert_eq!(
+        store.record_successes(&[success]).await.unwrap(),
+        vec![false]
+    );
+    assert_eq!(row().await, Some((hook, "pending".into(), 0)));
+}
+
+#[tokio::test]
+async fn an_event_handled_again_fans_out_again_to_webhooks_with_no_delivery_written() {
+    let env = TestEnv::new().await;
+    let url = "http://127.0.0.1:9/";
+    let done = env.add_webhook(WebhookSpec::new("p", "t", url)).await;
+    let lost = env.add_webhook(WebhookSpec::new("p", "t", url)).await;
+    let store = store(&env);
+    let event = parsed("p", "t");
+    let stored = store
+        .store_events(std::slice::from_ref(&event), &[])
+        .await
+        .unwrap();
+    let jobs = &stored[0].as_ref().unwrap().jobs;
+    let first = jobs.iter().find(|j| j.webhook.id == done).unwrap();
+    let success = Success::new(first, Utc::now(), &answered(204));
+    assert_eq!(
+        store.record_successes(&[success]).await.unwrap(),
+        vec![true]
+    );
+    // The other attempt's outcome was never written (its process died).
+    assert_eq!(store.first_attempts_in_progress(event.id).await.unwrap(), 1);
+    let (resumed, retries) = store.resume_event(event.id).await.unwrap();
+    assert!(retries.is_empty());
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].webhook.id, lost);
+    assert!(!resumed[0].written);
+    assert_eq!(resumed[0].event.project_id, "p");
+    let success = Success::new(&resumed[0], Utc::now(), &answered(200));
+    assert_eq!(
+        store.record_successes(&[success]).await.unwrap(),
+        vec![true]
+    );
+    assert_eq!(store.first_attempts_in_progress(event.id).await.unwrap(), 0);
+    let delivered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM control_plane.webhook_deliveries \
+         WHERE event_id = $1 AND status = 'delivered' AND attempts = 1",
+    )
+    .bind(event.id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(delivered, 2);
+}
+
+#[tokio::test]
+async fn a_new_events_delivery_to_a_webhook_disabled_meanwhile_is_written_stopped() {
+    let (env, hook, store) = one_hook().await;
+    let stored = store.store_events(&[parsed("p", "t")], &[]).await.unwrap();
+    let job = stored[0].as_ref().unwrap().jobs[0].clone();
+    sqlx::query("UPDATE control_plane.webhooks SET disabled = true WHERE id = $1")
+        .bind(hook)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    store.stop_disabled(&job).await.unwrap();
+    let row: (String, i32, Option<String>) = sqlx::query_as(
+        "SELECT status, attempts, error_type FROM control_plane.webhook_deliveries \
+         WHERE id = $1",
+    )
+    .bind(job.delivery_id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(row, ("disabled".into(), 0, Some("WEBHOOK_DISABLED".into())));
 }
