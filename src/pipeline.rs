@@ -627,8 +627,12 @@ impl Pipeline {
             }
         }
         if job.webhook.disabled {
-            self.db("stopping the delivery", || self.store.stop_disabled(&job))
-                .await?;
+            // Boxed: its transaction makes a large future, which every attempt's future
+            // would carry otherwise (and every message's with it).
+            self.db("stopping the delivery", || {
+                Box::pin(self.store.stop_disabled(&job))
+            })
+            .await?;
             self.metrics.finished(DeliveryStatus::Disabled, None);
             return Ok(Sent::Skipped);
         }
