@@ -578,7 +578,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .map(|ids| ids.into_iter().collect());
-        let released = alone_gone(released, claims.len())?;
+        let released = alone_superseded(released, claims.len())?;
         Ok(claims
             .iter()
             .map(|c| released.contains(&c.delivery_id))
@@ -783,7 +783,10 @@ impl Store {
 
     /// Records successful attempts, many in one statement (one round trip and one
     /// transaction): each attempt's row, its delivery `delivered` (inserted so if not
-    /// written yet), and its webhook's counter reset. The reset is skipped when there is
+    /// written yet), and its webhook's counter reset. A delivery not written yet is
+    /// inserted without `ON CONFLICT`, which would probe its unique indexes first: if
+    /// another process wrote it meanwhile, the batch fails, and run alone it is simply
+    /// not recorded ([`alone_superseded`]). The reset is skipped when there is
     /// nothing to reset but `last_delivery_at` within the last second: otherwise every
     /// delivery to a busy webhook would queue on its row lock. Webhooks are locked in id
     /// order and `FOR NO KEY UPDATE`, which leaves alone the key-share locks that inserting
@@ -810,17 +813,23 @@ impl Store {
                   http_status_code, response_body, duration_ms, delivered_at, created_at) \
                SELECT delivery_id, webhook_id, event_id, project_id, event_type, 'delivered', \
                  attempt, status, body, duration_ms, now(), created_at \
-               FROM i WHERE event_id IS NOT NULL \
-               ON CONFLICT DO NOTHING RETURNING id), \
-             a AS ( \
+               FROM i WHERE event_id IS NOT NULL), \
+             a_new AS ( \
                INSERT INTO control_plane.webhook_delivery_attempts \
                  (delivery_id, webhook_id, attempt_number, started_at, duration_ms, \
                   http_status_code, response_body, succeeded) \
                SELECT delivery_id, webhook_id, attempt, started_at, duration_ms, status, body, \
-                 true FROM i \
-               WHERE i.event_id IS NULL OR i.delivery_id IN (SELECT id FROM ins) \
+                 true FROM i WHERE event_id IS NOT NULL \
+               RETURNING delivery_id, attempt_number), \
+             a_old AS ( \
+               INSERT INTO control_plane.webhook_delivery_attempts \
+                 (delivery_id, webhook_id, attempt_number, started_at, duration_ms, \
+                  http_status_code, response_body, succeeded) \
+               SELECT delivery_id, webhook_id, attempt, started_at, duration_ms, status, body, \
+                 true FROM i WHERE event_id IS NULL \
                ON CONFLICT (delivery_id, attempt_number) DO NOTHING \
                RETURNING delivery_id, attempt_number), \
+             a AS (SELECT * FROM a_new UNION ALL SELECT * FROM a_old), \
              new AS ( \
                SELECT i.* FROM i JOIN a \
                  ON a.delivery_id = i.delivery_id AND a.attempt_number = i.attempt), \
@@ -871,8 +880,9 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await;
-        let recorded: HashSet<(Uuid, i32)> =
-            alone_gone(recorded, done.len())?.into_iter().collect();
+        let recorded: HashSet<(Uuid, i32)> = alone_superseded(recorded, done.len())?
+            .into_iter()
+            .collect();
         Ok(done
             .iter()
             .map(|s| recorded.contains(&(s.delivery_id, s.attempt as i32)))
@@ -959,18 +969,21 @@ async fn write_delivery(
     .execute(&mut **tx)
     .await
     .map(|r| r.rows_affected() == 1);
-    alone_gone(inserted, 1)
+    alone_superseded(inserted, 1)
 }
 
-/// A statement's answer where a foreign-key violation by a lone request means that its
-/// delivery, webhook or event was deleted meanwhile: nothing of it is written. In a batch
-/// the error stands, and [`crate::batch`] runs each request alone to find it.
-fn alone_gone<T: Default>(
+/// A statement's answer where a foreign-key or unique violation by a lone request means
+/// that its delivery, webhook or event was deleted meanwhile, or that another process wrote
+/// the delivery first: nothing of it is written. In a batch the error stands, and
+/// [`crate::batch`] runs each request alone to find it.
+fn alone_superseded<T: Default>(
     result: Result<T, sqlx::Error>,
     requests: usize,
 ) -> Result<T, sqlx::Error> {
     match result {
-        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() && requests == 1 => {
+        Err(sqlx::Error::Database(e))
+            if (e.is_foreign_key_violation() || e.is_unique_violation()) && requests == 1 =>
+        {
             Ok(T::default())
         }
         other => other,
