@@ -363,7 +363,7 @@ impl Store {
         .bind(park)
         .fetch_all(&self.pool)
         .await?;
-        let mut stored: HashMap<Uuid, (Claimed, Vec<Parked>)> = HashMap::new();
+        let mut stored: HashMap<Uuid, (ToSend, Vec<Parked>)> = HashMap::new();
         for row in rows {
             let (to_send, parked) = stored.entry(row.try_get("event_id")?).or_default();
             let Some(delivery_id) = row.try_get::<Option<Uuid>, _>("delivery_id")? else {
@@ -457,7 +457,7 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         let event = Arc::new(event);
-        let pairs = |rows: Vec<DeliveryWebhook>| -> Claimed {
+        let pairs = |rows: Vec<DeliveryWebhook>| -> ToSend {
             rows.into_iter()
                 .map(|r| (r.delivery_id, r.webhook))
                 .collect()
@@ -1091,10 +1091,10 @@ fn is_local(host: &str) -> bool {
 }
 
 /// Deliveries of an event to attempt: each delivery id with its webhook.
-type Claimed = Vec<(Uuid, WebhookRow)>;
+type ToSend = Vec<(Uuid, WebhookRow)>;
 
 /// First attempts of an event's deliveries, `written` or not yet.
-fn jobs(rows: Claimed, written: bool, event: Arc<StoredEvent>) -> Vec<Job> {
+fn jobs(rows: ToSend, written: bool, event: Arc<StoredEvent>) -> Vec<Job> {
     rows.into_iter()
         .map(|(delivery_id, webhook)| Job {
             delivery_id,

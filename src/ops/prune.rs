@@ -56,7 +56,8 @@ macro_rules! old_deliveries {
 /// deliveries, so one with any delivery left is kept).
 macro_rules! old_events {
     () => {
-        "SELECT e.id FROM control_plane.events e WHERE e.received_at < least($1, now() - interval '1 day') \
+        "SELECT e.id FROM control_plane.events e \
+         WHERE e.received_at < least($1, now() - interval '1 day') \
            AND NOT EXISTS (SELECT 1 FROM control_plane.webhook_deliveries d \
                            WHERE d.event_id = e.id)"
     };
@@ -104,7 +105,8 @@ async fn count(pool: &PgPool, report: &mut Report) -> anyhow::Result<()> {
     .context("counting old deliveries")?;
     // Events whose deliveries are all old would be left without any: count them too.
     report.events = sqlx::query_scalar(
-        "SELECT count(*) FROM control_plane.events e WHERE e.received_at < least($1, now() - interval '1 day') \
+        "SELECT count(*) FROM control_plane.events e \
+         WHERE e.received_at < least($1, now() - interval '1 day') \
            AND NOT EXISTS (SELECT 1 FROM control_plane.webhook_deliveries d WHERE d.event_id = e.id \
              AND NOT (d.created_at < $1 AND d.updated_at < $1 \
                       AND d.status IN ('delivered', 'permanently_failed', 'disabled')))",

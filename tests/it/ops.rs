@@ -859,6 +859,20 @@ async fn publish_reads_json_lines_and_data_files() {
 }
 
 #[tokio::test]
+async fn prune_keeps_events_of_the_last_day_whose_deliveries_may_not_be_written_yet() {
+    let env = TestEnv::new().await;
+    let older = seed_event(&env, 2 * DAY).await;
+    let recent = seed_event(&env, Duration::from_secs(120)).await;
+    let pruned = json_of(&env, &["prune", "--older-than", "1m", "--json"]).await;
+    assert_eq!(pruned["events"], 1);
+    let events: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM control_plane.events")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, vec![recent], "{older} went, the recent one stays");
+}
+
+#[tokio::test]
 async fn prune_removes_what_ended_long_ago_and_keeps_unfinished_deliveries() {
     let env = TestEnv::new().await;
     let hook = env
