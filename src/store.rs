@@ -102,6 +102,11 @@ pub struct Parked {
 }
 
 impl Job {
+    /// Its event, when the delivery's row is not written yet, for the write that creates it.
+    pub fn unwritten(&self) -> Option<Arc<StoredEvent>> {
+        (!self.written).then(|| self.event.clone())
+    }
+
     /// Which attempt of the retry schedule this is (1-based): the attempt number, counted
     /// again from 1 after a replay.
     pub fn schedule_attempt(&self) -> u32 {
@@ -532,12 +537,7 @@ impl Store {
     /// claim; an unwritten one is stored `pending`. For each in order: false when the
     /// delivery moved on meanwhile (or its webhook is gone).
     pub async fn unclaim(&self, claims: &[Unclaim]) -> Result<Vec<bool>, sqlx::Error> {
-        let new = |f: fn(&StoredEvent) -> &str| -> Vec<Option<&str>> {
-            claims
-                .iter()
-                .map(|c| c.unwritten.as_deref().map(f))
-                .collect()
-        };
+        let new = NewRows::of(claims.iter().map(|c| c.unwritten.as_deref()));
         let released: Result<HashSet<Uuid>, sqlx::Error> = sqlx::query_scalar(
             "WITH c AS ( \
                SELECT * FROM unnest($1::uuid[], $2::int4[], $3::uuid[], $4::uuid[], \
@@ -561,20 +561,10 @@ impl Store {
         .bind(claims.iter().map(|c| c.delivery_id).collect::<Vec<_>>())
         .bind(claims.iter().map(|c| c.attempt as i32).collect::<Vec<_>>())
         .bind(claims.iter().map(|c| c.webhook_id).collect::<Vec<_>>())
-        .bind(
-            claims
-                .iter()
-                .map(|c| c.unwritten.as_ref().map(|e| e.id))
-                .collect::<Vec<_>>(),
-        )
-        .bind(new(|e| &e.project_id))
-        .bind(new(|e| &e.event_type))
-        .bind(
-            claims
-                .iter()
-                .map(|c| c.unwritten.as_ref().map(|e| e.received_at))
-                .collect::<Vec<_>>(),
-        )
+        .bind(new.event_id)
+        .bind(new.project_id)
+        .bind(new.event_type)
+        .bind(new.created_at)
         .fetch_all(&self.pool)
         .await
         .map(|ids| ids.into_iter().collect());
@@ -797,9 +787,7 @@ impl Store {
     pub async fn record_successes(&self, done: &[Success]) -> Result<Vec<bool>, sqlx::Error> {
         let column =
             |f: fn(&Success) -> Option<i32>| -> Vec<Option<i32>> { done.iter().map(f).collect() };
-        let new = |f: fn(&StoredEvent) -> &str| -> Vec<Option<&str>> {
-            done.iter().map(|s| s.unwritten.as_deref().map(f)).collect()
-        };
+        let new = NewRows::of(done.iter().map(|s| s.unwritten.as_deref()));
         let recorded: Result<Vec<(Uuid, i32)>, sqlx::Error> = sqlx::query_as(
             "WITH i AS ( \
                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::timestamptz[], \
@@ -866,18 +854,10 @@ impl Store {
                 .map(|s| s.disabled_changed_at)
                 .collect::<Vec<_>>(),
         )
-        .bind(
-            done.iter()
-                .map(|s| s.unwritten.as_ref().map(|e| e.id))
-                .collect::<Vec<_>>(),
-        )
-        .bind(new(|e| &e.project_id))
-        .bind(new(|e| &e.event_type))
-        .bind(
-            done.iter()
-                .map(|s| s.unwritten.as_ref().map(|e| e.received_at))
-                .collect::<Vec<_>>(),
-        )
+        .bind(new.event_id)
+        .bind(new.project_id)
+        .bind(new.event_type)
+        .bind(new.created_at)
         .fetch_all(&self.pool)
         .await;
         let recorded: HashSet<(Uuid, i32)> = alone_superseded(recorded, done.len())?
@@ -906,7 +886,7 @@ impl Unclaim {
             delivery_id: job.delivery_id,
             attempt: job.attempt,
             webhook_id: job.webhook.id,
-            unwritten: (!job.written).then(|| job.event.clone()),
+            unwritten: job.unwritten(),
         }
     }
 }
@@ -930,7 +910,7 @@ pub struct Success {
 impl Success {
     pub fn new(job: &Job, started_at: DateTime<Utc>, result: &AttemptResult) -> Success {
         Success {
-            unwritten: (!job.written).then(|| job.event.clone()),
+            unwritten: job.unwritten(),
             delivery_id: job.delivery_id,
             webhook_id: job.webhook.id,
             attempt: job.attempt,
@@ -945,6 +925,34 @@ impl Success {
 
 fn duration_ms(result: &AttemptResult) -> i32 {
     i32::try_from(result.duration.as_millis()).unwrap_or(i32::MAX)
+}
+
+/// The columns a batch binds to insert the rows of deliveries not written yet, one entry per
+/// request (`None` where the delivery is written): its event, project, event type, and
+/// `created_at`, when the event was stored.
+struct NewRows<'a> {
+    event_id: Vec<Option<Uuid>>,
+    project_id: Vec<Option<&'a str>>,
+    event_type: Vec<Option<&'a str>>,
+    created_at: Vec<Option<DateTime<Utc>>>,
+}
+
+impl<'a> NewRows<'a> {
+    fn of(events: impl Iterator<Item = Option<&'a StoredEvent>>) -> NewRows<'a> {
+        let mut rows = NewRows {
+            event_id: Vec::new(),
+            project_id: Vec::new(),
+            event_type: Vec::new(),
+            created_at: Vec::new(),
+        };
+        for event in events {
+            rows.event_id.push(event.map(|e| e.id));
+            rows.project_id.push(event.map(|e| e.project_id.as_str()));
+            rows.event_type.push(event.map(|e| e.event_type.as_str()));
+            rows.created_at.push(event.map(|e| e.received_at));
+        }
+        rows
+    }
 }
 
 /// Stores the row of a delivery not written yet, `delivering` its first attempt, for what
